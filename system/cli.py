@@ -1,0 +1,184 @@
+"""``pipetrain``: the command line of the contract.
+
+User mistakes (bad options, configs, datasets) exit 2 with one line on stderr and no traceback;
+a failed run exits 1 with a clear message; a run stopped on request exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from system.config import (
+    BALANCES, DTYPES, SCHEDULES, TRANSPORTS, ConfigError, TrainConfig, build_config, load_toml,
+)
+from system.data.datasets import NORMALIZATIONS, DataError
+from system.nn.optim import OPTIMIZERS
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ABORTED = 0, 1, 2, 130
+
+
+class UsageError(Exception):
+    """A mistake of the user's: reported in one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="TOML config file (default: built-in example)")
+    add = parser.add_argument
+    add("--dataset", help="digits, or a .csv / .npz path")
+    add("--layers", help="layer sizes, e.g. 64,128,10")
+    add("--stages", type=int)
+    add("--replicas", type=int)
+    add("--microbatches", type=int)
+    add("--schedule", choices=SCHEDULES)
+    add("--epochs", type=int)
+    add("--batch-size", type=int)
+    add("--lr", type=float)
+    add("--optimizer", choices=tuple(OPTIMIZERS))
+    add("--dtype", choices=DTYPES)
+    add("--seed", type=int)
+    add("--checkpoint-every", type=int, help="checkpoint every K steps (0: never)")
+    add("--keep-checkpoints", type=int)
+    add("--max-restarts", type=int)
+    add("--heartbeat-timeout", type=float, help="seconds")
+    add("--holdout", type=float, help="fraction held out for evaluation")
+    add("--normalize", choices=NORMALIZATIONS)
+    add("--transport", choices=TRANSPORTS)
+    add("--loader-threads", type=int)
+    add("--prefetch", type=int)
+    add("--augment", action=argparse.BooleanOptionalAction, default=None)
+    add("--balance", choices=BALANCES)
+    add("--blas-threads", type=int)
+    add("--run-dir")
+    add("--resume", action="store_true", help="continue the run in --run-dir")
+    add("--quiet", action="store_true", help="no progress output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pipetrain", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_run_options(commands.add_parser("train", help="the distributed run"))
+    _add_run_options(commands.add_parser("reference", help="the same run in one process"))
+    for name, text in (("pause", "pause at the next step boundary"),
+                       ("resume", "resume a paused run"),
+                       ("checkpoint", "write a checkpoint at the next step boundary"),
+                       ("stop", "checkpoint and stop")):
+        commands.add_parser(name, help=text).add_argument("run_dir")
+    status = commands.add_parser("status", help="state of a run")
+    status.add_argument("run_dir")
+    status.add_argument("--json", action="store_true")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    values: dict[str, Any] = {}
+    source = "options"
+    if args.config:
+        values.update(load_toml(args.config))
+        source = args.config
+    for key in TrainConfig.__dataclass_fields__:
+        value = getattr(args, key, None)
+        if value is not None:
+            values[key] = value
+    return build_config(values, source=source)
+
+
+SIGNALS = {
+    "pause": signal.SIGTSTP, "resume": signal.SIGCONT,
+    "checkpoint": signal.SIGUSR1, "stop": signal.SIGTERM,
+}
+
+
+def _read_run(run_dir: str) -> dict[str, Any]:
+    path = Path(run_dir) / "run.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{run_dir}: not a run directory (no run.json)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path}: unreadable ({exc})") from None
+
+
+def send_control(command: str, run_dir: str) -> int:
+    state = _read_run(run_dir)
+    pid = state.get("coordinator_pid")
+    if state.get("state") not in ("running", "paused", "starting", "recovering") or not pid:
+        raise UsageError(f"{run_dir}: the run is not running (state: {state.get('state')})")
+    try:
+        os.kill(int(pid), SIGNALS[command])
+    except ProcessLookupError:
+        raise UsageError(f"{run_dir}: coordinator pid {pid} is gone") from None
+    print(f"sent {SIGNALS[command].name} to coordinator pid {pid}")
+    return EXIT_OK
+
+
+def show_status(run_dir: str, as_json: bool) -> int:
+    state = _read_run(run_dir)
+    summary = {
+        key: state.get(key)
+        for key in ("state", "step", "total_steps", "epoch", "last_loss", "samples_per_s",
+                    "accuracy", "coordinator_pid", "worker_pids", "last_checkpoint")
+    }
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        for key, value in summary.items():
+            print(f"{key:16} {value}")
+    return EXIT_OK
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in SIGNALS:
+        return send_control(args.command, args.run_dir)
+    if args.command == "status":
+        return show_status(args.run_dir, args.json)
+    config = resolve_config(args)
+    from threadpoolctl import threadpool_limits
+
+    from system.rundir import default_run_dir
+
+    run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(args.command)
+    if args.resume and not config.run_dir:
+        raise UsageError("--resume needs --run-dir of the run to continue")
+    if not args.resume and (run_dir / "events.jsonl").exists():
+        raise UsageError(f"{run_dir}: already holds a run (use --resume, or another --run-dir)")
+    config = config.replace(run_dir=str(run_dir))
+    with threadpool_limits(config.blas_threads):
+        if args.command == "reference":
+            from system.reference import run_reference
+
+            status = run_reference(config, run_dir, quiet=args.quiet)
+        else:
+            from system.coordinator import run_training
+
+            status = run_training(config, run_dir, quiet=args.quiet, resume=args.resume)
+    if not args.quiet:
+        print(f"run directory: {run_dir}")
+    return status
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    try:
+        status = run(argv)
+    except (UsageError, ConfigError, DataError) as exc:
+        print(f"pipetrain: error: {exc}", file=sys.stderr)
+        status = EXIT_USAGE
+    except KeyboardInterrupt:
+        print("pipetrain: aborted", file=sys.stderr)
+        status = EXIT_ABORTED
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()

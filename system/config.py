@@ -1,0 +1,184 @@
+"""The run configuration: defaults, TOML files, command-line overrides and validation.
+
+A config file holds the same keys as the command-line options, in snake_case
+(``batch_size = 64`` for ``--batch-size 64``). Unknown keys and out-of-range values are refused
+with a :class:`ConfigError` whose one-line message names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from system.data.datasets import NORMALIZATIONS
+from system.nn.optim import OPTIMIZERS
+
+SCHEDULES = ("gpipe", "1f1b", "zb")
+DTYPES = ("float64", "float32")
+TRANSPORTS = ("pipe", "mpi")
+BALANCES = ("params", "time")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line and names the key."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str = "digits"
+    layers: tuple[int, ...] = (64, 128, 64, 10)
+    stages: int = 3
+    replicas: int = 1
+    microbatches: int = 4
+    schedule: str = "1f1b"
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 0.05
+    optimizer: str = "momentum"
+    dtype: str = "float64"
+    seed: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    max_restarts: int = 3
+    heartbeat_timeout: float = 5.0
+    holdout: float = 0.2
+    normalize: str = "none"
+    transport: str = "pipe"
+    loader_threads: int = 2
+    prefetch: int = 4
+    augment: bool = False
+    balance: str = "params"
+    blas_threads: int = 1
+    run_dir: str | None = field(default=None, metadata={"math": False})
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["layers"] = list(self.layers)
+        return data
+
+    def math_digest(self) -> str:
+        """sha256 of the keys that decide the numbers (not where or how fast they run)."""
+        data = {key: value for key, value in self.to_json().items() if key in MATH_KEYS}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers) - 1
+
+
+# Keys whose change changes the parameters a run produces; a checkpoint is only resumed under
+# the same values. Stage count and schedule are absent on purpose: they never change the bits.
+MATH_KEYS = (
+    "dataset", "layers", "replicas", "microbatches", "epochs", "batch_size", "lr", "optimizer",
+    "dtype", "seed", "holdout", "normalize", "augment",
+)
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    return data
+
+
+def build_config(values: dict[str, Any], *, source: str = "config") -> TrainConfig:
+    """A validated config from defaults overridden by ``values`` (file keys or options)."""
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key {unknown[0]!r} (known: {', '.join(sorted(FIELDS))})"
+        )
+    converted = {key: _convert(key, value, source) for key, value in values.items()}
+    config = TrainConfig(**converted)
+    validate(config, source)
+    return config
+
+
+def _convert(key: str, value: Any, source: str) -> Any:
+    default = getattr(TrainConfig, key, None)
+    where = f"{source}: {key}"
+    if key == "layers":
+        if isinstance(value, str):
+            try:
+                value = [int(part) for part in value.split(",")]
+            except ValueError:
+                raise ConfigError(f"{where}: expected sizes like 64,128,10, got {value!r}") from None
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            raise ConfigError(f"{where}: expected a list of integers, got {value!r}")
+        return tuple(value)
+    if key == "run_dir":
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a path string, got {value!r}")
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def validate(config: TrainConfig, source: str = "config") -> None:
+    def fail(key: str, why: str) -> None:
+        raise ConfigError(f"{source}: {key}: {why}")
+
+    if len(config.layers) < 2 or any(size < 1 for size in config.layers):
+        fail("layers", f"need at least an input and an output size, all >= 1, got "
+             f"{','.join(map(str, config.layers))}")
+    if any(size > 1_000_000 for size in config.layers):
+        fail("layers", "a layer wider than 1,000,000 units is refused")
+    for key, low in (("stages", 1), ("replicas", 1), ("microbatches", 1), ("epochs", 1),
+                     ("batch_size", 1), ("keep_checkpoints", 1), ("loader_threads", 1),
+                     ("prefetch", 1), ("blas_threads", 1), ("checkpoint_every", 0),
+                     ("max_restarts", 0), ("seed", 0)):
+        if getattr(config, key) < low:
+            fail(key, f"must be >= {low}, got {getattr(config, key)}")
+    if config.seed >= 2**63:
+        fail("seed", "must be below 2**63")
+    if config.stages > config.num_layers:
+        fail("stages", f"{config.stages} stages for {config.num_layers} layers: each stage "
+             "needs at least one layer (lower --stages or add layers)")
+    if config.batch_size < config.replicas * config.microbatches:
+        fail("batch_size", f"{config.batch_size} cannot feed {config.replicas} replica(s) x "
+             f"{config.microbatches} micro-batches with at least one sample each")
+    if not config.lr > 0 or config.lr > 1e3:
+        fail("lr", f"must be in (0, 1000], got {config.lr}")
+    if not 0 <= config.holdout < 1:
+        fail("holdout", f"must be in [0, 1), got {config.holdout}")
+    if not 0 < config.heartbeat_timeout <= 3600:
+        fail("heartbeat_timeout", f"must be in (0, 3600] seconds, got {config.heartbeat_timeout}")
+    for key, allowed in (("schedule", SCHEDULES), ("dtype", DTYPES), ("transport", TRANSPORTS),
+                         ("optimizer", tuple(OPTIMIZERS)), ("normalize", NORMALIZATIONS),
+                         ("balance", BALANCES)):
+        if getattr(config, key) not in allowed:
+            fail(key, f"{getattr(config, key)!r} is not one of {', '.join(allowed)}")
+    if not config.dataset:
+        fail("dataset", "must be 'digits' or a path")

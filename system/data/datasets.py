@@ -1,0 +1,176 @@
+"""Loading and validating datasets.
+
+Sources: the built-in ``digits`` (8x8 handwritten digits, shipped in this folder, see
+DIGITS-README.md for the attribution), a ``.csv`` file with a header row whose last column is
+``label``, or an ``.npz`` file with arrays ``x`` (samples x features) and ``y`` (integer labels).
+A bad file is refused with a :class:`DataError` that names the file, the line and the problem.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import math
+import zipfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+DIGITS = "digits"
+NORMALIZATIONS = ("none", "standard", "minmax")
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used; the message names the file, line and problem."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    x: np.ndarray  # (samples, features), float64
+    y: np.ndarray  # (samples,), int64, >= 0
+
+    @property
+    def num_features(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.y.max()) + 1 if len(self.y) else 0
+
+
+def load_dataset(spec: str) -> Dataset:
+    """``digits`` or a path to a ``.csv`` / ``.npz`` file."""
+    if spec == DIGITS:
+        return _load_digits()
+    path = Path(spec)
+    if not path.exists():
+        raise DataError(f"{spec}: no such file (use 'digits' or a .csv / .npz path)")
+    if not path.is_file():
+        raise DataError(f"{spec}: not a regular file")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return _load_csv(path)
+    if suffix == ".npz":
+        return _load_npz(path)
+    raise DataError(f"{spec}: unsupported file type {suffix!r} (expected .csv or .npz)")
+
+
+def _load_digits() -> Dataset:
+    raw = resources.files("system.data").joinpath("digits.csv.gz").read_bytes()
+    table = np.loadtxt(io.StringIO(gzip.decompress(raw).decode("ascii")), delimiter=",")
+    # Pixels are counts 0..16: scaled to [0, 1] as the contract says.
+    return Dataset(DIGITS, table[:, :-1] / 16.0, table[:, -1].astype(np.int64))
+
+
+def _load_csv(path: Path) -> Dataset:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None)
+    if header is None or not any(cell.strip() for cell in header):
+        raise DataError(f"{path}: empty file (expected a header row ending in 'label')")
+    header = [cell.strip() for cell in header]
+    if header[-1] != "label":
+        raise DataError(
+            f"{path}:1: the last column must be 'label', found {header[-1][:40]!r}"
+        )
+    if len(header) < 2:
+        raise DataError(f"{path}:1: no feature columns before 'label'")
+    width = len(header)
+    features: list[list[float]] = []
+    labels: list[int] = []
+    for row in reader:
+        line = reader.line_num
+        if not row or all(not cell.strip() for cell in row):
+            continue  # blank lines (a trailing newline, say) carry no sample
+        if len(row) != width:
+            raise DataError(f"{path}:{line}: {len(row)} cells, the header has {width}")
+        values = []
+        for column, cell in zip(header[:-1], row[:-1], strict=True):
+            values.append(_parse_feature(path, line, column, cell))
+        features.append(values)
+        labels.append(_parse_label(path, line, row[-1]))
+    if not labels:
+        raise DataError(f"{path}: no data rows after the header")
+    return Dataset(str(path), np.array(features, dtype=np.float64), np.array(labels, np.int64))
+
+
+def _parse_feature(path: Path, line: int, column: str, cell: str) -> float:
+    try:
+        value = float(cell)
+    except ValueError:
+        raise DataError(
+            f"{path}:{line}: column {column!r}: {cell.strip()[:40]!r} is not a number"
+        ) from None
+    if not math.isfinite(value):
+        raise DataError(f"{path}:{line}: column {column!r}: {cell.strip()!r} is not finite")
+    return value
+
+
+def _parse_label(path: Path, line: int, cell: str) -> int:
+    text = cell.strip()
+    try:
+        label = int(text)
+    except ValueError:
+        raise DataError(
+            f"{path}:{line}: label {text[:40]!r} is not an integer class index"
+        ) from None
+    if label < 0:
+        raise DataError(f"{path}:{line}: label {label} is negative")
+    return label
+
+
+def _load_npz(path: Path) -> Dataset:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: not a readable .npz archive ({exc})") from None
+    with archive:
+        missing = [key for key in ("x", "y") if key not in archive.files]
+        if missing:
+            raise DataError(f"{path}: missing array(s) {', '.join(missing)} (needs 'x' and 'y')")
+        try:
+            x, y = archive["x"], archive["y"]
+        except ValueError as exc:  # object arrays need pickle, which we refuse
+            raise DataError(f"{path}: {exc}") from None
+    if x.ndim != 2:
+        raise DataError(f"{path}: 'x' must be 2-D (samples, features), got shape {x.shape}")
+    if y.shape != (x.shape[0],):
+        raise DataError(f"{path}: 'y' has shape {y.shape}, expected ({x.shape[0]},)")
+    if x.shape[0] == 0:
+        raise DataError(f"{path}: no samples")
+    if not (np.issubdtype(x.dtype, np.number) and not np.issubdtype(x.dtype, np.complexfloating)):
+        raise DataError(f"{path}: 'x' must be real numbers, got {x.dtype}")
+    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    if bad.size:
+        raise DataError(f"{path}: 'x' row {bad[0]} has a NaN or infinite value")
+    if np.issubdtype(y.dtype, np.floating):
+        frac = np.flatnonzero(y != np.round(y))
+        if frac.size:
+            raise DataError(f"{path}: label y[{frac[0]}] = {y[frac[0]]} is not an integer")
+    elif not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{path}: 'y' must hold integer labels, got {y.dtype}")
+    if (y < 0).any():
+        raise DataError(f"{path}: label y[{np.flatnonzero(y < 0)[0]}] is negative")
+    return Dataset(str(path), x.astype(np.float64), y.astype(np.int64))
+
+
+def normalize(x: np.ndarray, train_rows: np.ndarray, method: str) -> np.ndarray:
+    """Scale features with statistics of the training rows only (no peeking at held-out data)."""
+    if method == "none":
+        return x
+    train = x[train_rows]
+    if method == "standard":
+        shift, scale = train.mean(axis=0), train.std(axis=0)
+    elif method == "minmax":
+        shift, scale = train.min(axis=0), train.max(axis=0) - train.min(axis=0)
+    else:
+        raise ValueError(f"unknown normalisation {method!r} (choose from {NORMALIZATIONS})")
+    scale = np.where(scale > 0, scale, 1.0)  # constant columns stay finite
+    return (x - shift) / scale

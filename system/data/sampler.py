@@ -1,0 +1,55 @@
+"""The held-out split, the per-epoch shuffle and the cutting of a global batch.
+
+All of it is a pure function of (seed, epoch, step): the first and last pipeline stages, every
+replica and the single-process reference derive the same sample indices independently, and a
+resumed run derives the same ones again without storing them.
+
+Cutting a global batch of ``B`` indices: ``np.array_split`` into ``R`` replica shares (contiguous,
+the first ``B % R`` one larger), then each share into ``M`` micro-batches the same way. The last
+incomplete batch of an epoch is dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+_SPLIT_STREAM, _SHUFFLE_STREAM = 1, 2
+
+
+def holdout_split(num_samples: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, held-out indices), both sorted; ``fraction`` of the samples held out."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
+    order = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(num_samples)
+    num_held = int(num_samples * fraction)
+    return np.sort(order[num_held:]), np.sort(order[:num_held])
+
+
+@dataclass(frozen=True)
+class Batches:
+    """The global batches of training: which sample indices step ``k`` of epoch ``e`` uses."""
+
+    train_indices: np.ndarray
+    batch_size: int
+    seed: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train_indices) // self.batch_size
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, _SHUFFLE_STREAM, epoch])
+        return self.train_indices[rng.permutation(len(self.train_indices))]
+
+    def batch(self, epoch: int, step_in_epoch: int) -> np.ndarray:
+        if not 0 <= step_in_epoch < self.steps_per_epoch:
+            raise IndexError(f"step {step_in_epoch} outside epoch of {self.steps_per_epoch}")
+        start = step_in_epoch * self.batch_size
+        return self.epoch_order(epoch)[start : start + self.batch_size]
+
+
+def split_batch(batch: np.ndarray, replicas: int, microbatches: int) -> list[list[np.ndarray]]:
+    """``[replica][micro-batch] -> indices``, contiguous pieces in order."""
+    return [list(np.array_split(share, microbatches)) for share in np.array_split(batch, replicas)]

@@ -1,0 +1,98 @@
+"""The single-process reference trainer: the oracle every distributed run must match bitwise.
+
+Gradient order (the documented contract the pipeline and the replicas follow):
+for each replica ``r`` in ascending order, that replica's gradient is the sum over its micro-batches
+``m = 0 .. M-1`` accumulated in ascending order (``acc += x_m.T @ dy_m``, starting from zeros);
+the step's gradient is then ``((g_0 + g_1) + g_2) + ...`` in replica order. The loss is summed in
+the same order. Each micro-batch's loss and logit gradient are divided by the global batch size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from system.config import TrainConfig
+from system.data.sampler import split_batch
+from system.digest import grad_digest
+from system.nn import init_parameters, make_optimizer, parameter_names, softmax_cross_entropy
+from system.nn.layers import build_segment
+from system.progress import Progress
+from system.rundir import RunDir, save_params
+from system.workload import Workload, accuracy, prepare
+
+
+def train_step(
+    segment, workload: Workload, batch: np.ndarray, replicas: int, microbatches: int
+) -> tuple[float, dict[str, np.ndarray]]:
+    """One step's loss and summed gradients, in the documented order."""
+    global_batch = len(batch)
+    loss = 0.0
+    total: dict[str, np.ndarray] | None = None
+    for share in split_batch(batch, replicas, microbatches):
+        segment.zero_grads()
+        replica_loss = 0.0
+        for microbatch, indices in enumerate(share):
+            logits = segment.forward(microbatch, workload.x[indices])
+            mb_loss, grad_logits = softmax_cross_entropy(
+                logits, workload.y[indices], global_batch
+            )
+            replica_loss += mb_loss
+            segment.backward(microbatch, grad_logits)
+        loss += replica_loss
+        if total is None:
+            total = {name: grad.copy() for name, grad in segment.grads().items()}
+        else:
+            for name, grad in segment.grads().items():
+                total[name] += grad
+    assert total is not None
+    return loss, total
+
+
+def evaluate(segment, workload: Workload) -> float:
+    indices = workload.eval_indices
+    if len(indices) == 0:
+        return float("nan")
+    return accuracy(segment.forward(-1, workload.x[indices], keep=False), workload.y[indices])
+
+
+def run_reference(config: TrainConfig, run_dir: Path, *, quiet: bool = False) -> int:
+    workload = prepare(config)
+    num_layers = config.num_layers
+    names = parameter_names(num_layers)
+    params = init_parameters(list(config.layers), config.seed, np.dtype(config.dtype))
+    segment = build_segment(params, 0, num_layers, num_layers)
+    optimizer = make_optimizer(config.optimizer, params, config.lr)
+    progress = Progress(workload.total_steps, quiet=quiet)
+    with RunDir(run_dir) as run:
+        run.update_state(
+            command="reference", state="running", config=config.to_json(),
+            config_digest=config.math_digest(), step=0, epoch=0,
+            total_steps=workload.total_steps,
+        )
+        save_params(run.path / "initial.npz", params)
+        run.emit("run_start", command="reference", total_steps=workload.total_steps,
+                 config=config.to_json())
+        step = 0
+        loss = float("nan")
+        for epoch in range(config.epochs):
+            for step_in_epoch in range(workload.steps_per_epoch):
+                step += 1
+                batch = workload.batches.batch(epoch, step_in_epoch)
+                loss, grads = train_step(
+                    segment, workload, batch, config.replicas, config.microbatches
+                )
+                digest = grad_digest(grads, names)
+                optimizer.step(grads)
+                run.emit("step", epoch=epoch, step=step, loss=loss, grad_digest=digest)
+                progress.step(step, epoch, loss)
+            run.emit("epoch_end", epoch=epoch, step=step, loss=loss)
+            acc = evaluate(segment, workload)
+            run.emit("evaluate", epoch=epoch, step=step, accuracy=acc)
+            progress.epoch(epoch, loss, acc)
+            run.update_state(step=step, epoch=epoch + 1, last_loss=loss, accuracy=acc)
+        save_params(run.path / "final.npz", params)
+        run.emit("run_end", status="done", step=step)
+        run.update_state(state="done")
+    return 0
