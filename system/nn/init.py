@@ -9,11 +9,13 @@ from __future__ import annotations
 import numpy as np
 
 
-def init_parameters(sizes: list[int], seed: int, dtype: np.dtype) -> dict[str, np.ndarray]:
-    """He-normal weights for layers followed by ReLU, Glorot-uniform for the output layer."""
+def init_parameters(
+    sizes: list[int], seed: int, dtype: np.dtype, first: int = 0, stop: int | None = None
+) -> dict[str, np.ndarray]:
+    """Layers ``[first, stop)``: He-normal weights before a ReLU, Glorot-uniform at the output."""
     params: dict[str, np.ndarray] = {}
     num_layers = len(sizes) - 1
-    for index in range(num_layers):
+    for index in range(first, num_layers if stop is None else stop):
         fan_in, fan_out = sizes[index], sizes[index + 1]
         rng = np.random.default_rng([seed, index])
         if index < num_layers - 1:

@@ -1,0 +1,306 @@
+"""The coordinator: spawns the stage workers, drives the steps, writes the run directory.
+
+::
+
+                 ┌──────────── coordinator (this process) ─────────────┐
+                 │ step k ──▶ every stage; waits for every step_done   │
+                 └──┬──────────────────┬──────────────────┬────────────┘
+              control pipe       control pipe       control pipe
+                 ┌──▼──┐ activations ┌──▼──┐ activations ┌──▼──┐
+                 │  0  │ ──────────▶ │  1  │ ──────────▶ │  2  │ (loss)
+                 │     │ ◀────────── │     │ ◀────────── │     │
+                 └─────┘  gradients  └─────┘  gradients  └─────┘
+
+Steps run in lock-step: the coordinator sends ``step k`` to every stage and waits for all of their
+``step_done`` replies (loss from the last stage, per-parameter gradient digests from all) before
+the next step. That step boundary is where pauses, checkpoints and stops take effect. The main
+thread only ever waits in ``poll`` on the control pipes, so a worker's death (end-of-file on its
+control pipe) or error is seen at once and becomes a :class:`WorkerFailed`, never a hang.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import system
+from system.config import TrainConfig
+from system.digest import combine
+from system.nn import parameter_names
+from system.nn.layers import build_segment
+from system.partition import layer_costs, partition
+from system.progress import Progress
+from system.protocol import Kind, ProtocolError, decode_json, encode_json
+from system.schedule import build as build_schedule
+from system.schedule import validate as validate_schedule
+from system.transport import ChannelClosed, ChannelTimeout, PipeChannel, open_pipe
+from system.workload import Workload, accuracy, prepare
+from system.rundir import RunDir, save_params
+
+STOP_GRACE_S = 3.0
+
+
+class WorkerFailed(RuntimeError):
+    """A stage died, reported an error or stopped answering; the message names it."""
+
+
+@dataclass
+class WorkerHandle:
+    index: int
+    layers: tuple[int, int]
+    process: subprocess.Popen
+    control: PipeChannel
+    log_path: Path
+    returncode: int | None = None
+    last_error: str | None = field(default=None)
+
+    @property
+    def role(self) -> str:
+        return f"stage {self.index} (layers {self.layers[0]}..{self.layers[1] - 1})"
+
+
+def _child_env(config: TrainConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    package_root = str(Path(system.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    # BLAS threads are fixed before numpy loads in the child, for reproducible kernels.
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(config.blas_threads)
+    env["PIPETRAIN_BLAS_THREADS"] = str(config.blas_threads)
+    return env
+
+
+class Coordinator:
+    def __init__(self, config: TrainConfig, run: RunDir) -> None:
+        self.config = config
+        self.run = run
+        self.bounds = partition(layer_costs(list(config.layers)), config.stages)
+        schedule = build_schedule(config.schedule, config.stages, config.microbatches)
+        validate_schedule(schedule, config.stages, config.microbatches)
+        self.workers: list[WorkerHandle] = []
+        self.op_timeout_s = max(60.0, 10 * config.heartbeat_timeout)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Spawn every stage with only its own fds, send each its init, wait until all ready."""
+        num_stages = self.config.stages
+        # links[s] connects stage s and s+1: activations down, gradients up.
+        links = [(open_pipe(), open_pipe()) for _ in range(num_stages - 1)]
+        env = _child_env(self.config)
+        try:
+            for index, layers in enumerate(self.bounds):
+                fds: dict[str, int] = {}
+                if index > 0:
+                    (act_r, _), (_, grad_w) = links[index - 1]
+                    fds.update(up_in=act_r, up_out=grad_w)
+                if index < num_stages - 1:
+                    (_, act_w), (grad_r, _) = links[index]
+                    fds.update(down_in=grad_r, down_out=act_w)
+                self.workers.append(self._spawn(index, layers, fds, env))
+        finally:
+            for pair in links:  # the children hold their ends now; ours would hide EOFs
+                for read_fd, write_fd in pair:
+                    os.close(read_fd)
+                    os.close(write_fd)
+        self.collect("ready")
+
+    def _spawn(self, index: int, layers: tuple[int, int], fds: dict[str, int],
+               env: dict[str, str]) -> WorkerHandle:
+        to_child_r, to_child_w = open_pipe()
+        from_child_r, from_child_w = open_pipe()
+        log_path = self.run.path / "logs" / f"stage-{index}.log"
+        try:
+            with open(log_path, "ab") as log:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "system.worker", str(to_child_r), str(from_child_w)],
+                    pass_fds=(to_child_r, from_child_w, *fds.values()),
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                )
+        finally:
+            os.close(to_child_r)
+            os.close(from_child_w)
+        control = PipeChannel(from_child_r, to_child_w, name=f"control of stage {index}")
+        handle = WorkerHandle(index, layers, process, control, log_path)
+        self.send(handle, {
+            "cmd": "init", "config": self.config.to_json(), "stage": index,
+            "num_stages": self.config.stages, "layers": list(layers), "fds": fds,
+            "op_timeout_s": self.op_timeout_s,
+        })
+        return handle
+
+    def shutdown(self) -> None:
+        """Stop every worker (politely, then SIGKILL), reap it and close its pipes."""
+        for worker in self.workers:
+            if worker.process.poll() is None:
+                try:
+                    self.send(worker, {"cmd": "stop"})
+                except (ChannelClosed, ChannelTimeout, ProtocolError, OSError):
+                    pass
+        deadline = time.monotonic() + STOP_GRACE_S
+        for worker in self.workers:
+            try:
+                worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                worker.process.kill()
+                worker.process.wait()
+            worker.returncode = worker.process.returncode
+            worker.control.close()
+        self.workers.clear()
+
+    @property
+    def pids(self) -> list[int]:
+        return [worker.process.pid for worker in self.workers]
+
+    # -- messages ----------------------------------------------------------------------------
+
+    def send(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
+        worker.control.send_frame(Kind.CONTROL, 0, 0, encode_json(message),
+                                  timeout_s=self.op_timeout_s)
+
+    def broadcast(self, message: dict[str, Any]) -> None:
+        for worker in self.workers:
+            try:
+                self.send(worker, message)
+            except (ChannelClosed, ChannelTimeout) as exc:
+                raise self._failure(worker, str(exc)) from exc
+
+    def collect(self, event: str) -> list[dict[str, Any]]:
+        """Wait for ``event`` from every worker, failing fast if any dies or reports an error."""
+        replies: dict[int, dict[str, Any]] = {}
+        by_fd = {worker.control.fileno(): worker for worker in self.workers}
+        poller = select.poll()
+        for fd in by_fd:
+            poller.register(fd, select.POLLIN)
+        while len(replies) < len(self.workers):
+            for fd, _ in poller.poll():
+                worker = by_fd[fd]
+                message = self.receive(worker)
+                if message.get("event") == "error":
+                    worker.last_error = message.get("message")
+                    raise self._failure(worker, worker.last_error or "unknown error")
+                if message.get("event") != event:
+                    raise self._failure(worker, f"expected {event}, got {message.get('event')}")
+                replies[worker.index] = message
+                if len(replies) == len(self.workers):
+                    break
+                poller.unregister(fd)
+        return [replies[index] for index in range(len(self.workers))]
+
+    def receive(self, worker: WorkerHandle) -> dict[str, Any]:
+        try:
+            frame = worker.control.recv_frame(timeout_s=self.op_timeout_s)
+        except ChannelClosed:
+            raise self._failure(worker, "exited without a word") from None
+        except (ChannelTimeout, ProtocolError) as exc:
+            raise self._failure(worker, str(exc)) from exc
+        if frame.kind != Kind.CONTROL:
+            raise self._failure(worker, f"sent a frame of kind {frame.kind} out of turn")
+        return decode_json(frame.array)
+
+    def _failure(self, worker: WorkerHandle, reason: str) -> WorkerFailed:
+        code = worker.process.poll()
+        if code is None and "exited" in reason:
+            try:
+                code = worker.process.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                code = None
+        status = ""
+        if code is not None:
+            status = (f" (killed by signal {-code})" if code < 0 else f" (exit status {code})")
+        return WorkerFailed(f"{worker.role}, pid {worker.process.pid}: {reason}{status}; "
+                            f"log: {worker.log_path}")
+
+    # -- training ----------------------------------------------------------------------------
+
+    def step(self, step: int) -> tuple[float, str, list[dict[str, Any]]]:
+        self.broadcast({"cmd": "step", "step": step})
+        replies = self.collect("step_done")
+        loss = float(replies[-1]["loss"])
+        digest = combine(bytes.fromhex(d) for reply in replies for d in reply["digests"])
+        return loss, digest, replies
+
+    def gather_params(self) -> dict[str, np.ndarray]:
+        self.broadcast({"cmd": "params"})
+        params: dict[str, np.ndarray] = {}
+        for worker, header in zip(self.workers, self.collect("params"), strict=True):
+            for position, name in enumerate(header["names"]):
+                frame = worker.control.recv_frame(timeout_s=self.op_timeout_s)
+                if frame.kind != Kind.PARAMETER or frame.microbatch != position:
+                    raise self._failure(worker, f"bad parameter frame for {name}")
+                params[name] = frame.array
+        return {name: params[name] for name in parameter_names(self.config.num_layers)}
+
+
+def evaluate(params: dict[str, np.ndarray], config: TrainConfig, workload: Workload) -> float:
+    indices = workload.eval_indices
+    if len(indices) == 0:
+        return float("nan")
+    segment = build_segment(params, 0, config.num_layers, config.num_layers)
+    return accuracy(segment.forward(-1, workload.x[indices], keep=False), workload.y[indices])
+
+
+def run_training(config: TrainConfig, run_dir: Path, *, quiet: bool = False,
+                 resume: bool = False) -> int:
+    workload = prepare(config)
+    progress = Progress(workload.total_steps, quiet=quiet)
+    with RunDir(run_dir) as run:
+        coordinator = Coordinator(config, run)
+        run.update_state(
+            command="train", state="starting", config=config.to_json(),
+            config_digest=config.math_digest(), coordinator_pid=os.getpid(), worker_pids=[],
+            step=0, epoch=0, total_steps=workload.total_steps,
+            segments=[list(b) for b in coordinator.bounds],
+        )
+        try:
+            coordinator.start()
+            run.update_state(state="running", worker_pids=coordinator.pids)
+            save_params(run.path / "initial.npz", coordinator.gather_params())
+            run.emit("run_start", command="train", total_steps=workload.total_steps,
+                     config=config.to_json(), segments=[list(b) for b in coordinator.bounds])
+            status = _train_loop(coordinator, config, workload, run, progress)
+        except WorkerFailed as exc:
+            message = f"run failed: {exc}"
+            run.emit("error", message=message)
+            run.emit("run_end", status="failed")
+            run.update_state(state="failed", error=message)
+            print(f"pipetrain: {message}", file=sys.stderr)
+            status = 1
+        finally:
+            coordinator.shutdown()
+        return status
+
+
+def _train_loop(coordinator: Coordinator, config: TrainConfig, workload: Workload,
+                run: RunDir, progress: Progress) -> int:
+    step = 0
+    loss = float("nan")
+    window_start, window_steps = time.monotonic(), 0
+    for epoch in range(config.epochs):
+        for _ in range(workload.steps_per_epoch):
+            step += 1
+            loss, digest, _replies = coordinator.step(step)
+            run.emit("step", epoch=epoch, step=step, loss=loss, grad_digest=digest)
+            progress.step(step, epoch, loss)
+            window_steps += 1
+        elapsed = time.monotonic() - window_start
+        rate = window_steps * config.batch_size / elapsed if elapsed > 0 else None
+        window_start, window_steps = time.monotonic(), 0
+        run.emit("epoch_end", epoch=epoch, step=step, loss=loss)
+        acc = evaluate(coordinator.gather_params(), config, workload)
+        run.emit("evaluate", epoch=epoch, step=step, accuracy=acc)
+        progress.epoch(epoch, loss, acc)
+        run.update_state(step=step, epoch=epoch + 1, last_loss=loss, accuracy=acc,
+                         samples_per_s=rate)
+    save_params(run.path / "final.npz", coordinator.gather_params())
+    run.emit("run_end", status="done", step=step)
+    run.update_state(state="done")
+    return 0

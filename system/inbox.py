@@ -1,0 +1,114 @@
+"""Frames read ahead by receiver threads, handed to the main thread by source.
+
+Each inbound pipe has its own receiver thread, so a neighbour's send never waits for this stage's
+main thread (no send/send deadlock between two stages whose frames exceed the pipe buffer) and
+reading overlaps compute. The threads and the main thread meet here, under one ``Condition``:
+a condition (not a Queue per source) because the main thread must also wake when *any* receiver
+fails, and one condition variable covers both "my frame arrived" and "everything is broken".
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from system.transport import ChannelClosed, PipeChannel
+
+# Signals that only the main thread should take: a helper thread never runs Python handlers,
+# and if the kernel picked one to deliver to, the main thread could sleep through the request.
+CONTROL_SIGNALS = {
+    signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTSTP, signal.SIGCONT,
+    signal.SIGCHLD,
+}
+
+
+class InboxFailure(RuntimeError):
+    """A receiver failed (peer gone, corrupt frame, timeout); names the source."""
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._items: dict[str, deque[Any]] = {}
+        self._failure: BaseException | None = None
+
+    def put(self, source: str, item: Any) -> None:
+        with self._cond:
+            self._items.setdefault(source, deque()).append(item)
+            self._cond.notify_all()
+
+    def fail(self, exc: BaseException) -> None:
+        """Record the first failure and wake every waiter; later ones are consequences."""
+        with self._cond:
+            if self._failure is None:
+                self._failure = exc
+            self._cond.notify_all()
+
+    def get(self, source: str, *, interrupted: Callable[[], bool] = lambda: False) -> Any:
+        """The next item from ``source``; raises the recorded failure if there is one.
+
+        Waits in slices of 0.5 s only so that ``interrupted`` (a signal flag) is looked at even if
+        a signal landed while this thread was not in a system call.
+        """
+        with self._cond:
+            while True:
+                queue = self._items.get(source)
+                if queue:
+                    return queue.popleft()
+                if self._failure is not None:
+                    raise InboxFailure(str(self._failure)) from self._failure
+                if interrupted():
+                    raise InterruptedError("interrupted by a signal")
+                self._cond.wait(0.5)
+
+    def depth(self, source: str) -> int:
+        with self._cond:
+            return len(self._items.get(source, ()))
+
+
+class Receivers:
+    """Owns the receiver threads: starts one per channel, always stops and joins them."""
+
+    def __init__(self, inbox: Inbox, *, op_timeout_s: float | None) -> None:
+        self.inbox = inbox
+        self.op_timeout_s = op_timeout_s
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
+        self._threads: list[threading.Thread] = []
+
+    def start(self, source: str, channel: PipeChannel) -> None:
+        thread = threading.Thread(
+            target=self._run, args=(source, channel), name=f"recv-{source}", daemon=False
+        )
+        self._threads.append(thread)
+        thread.start()
+
+    def _run(self, source: str, channel: PipeChannel) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
+        poller = select.poll()
+        poller.register(channel.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        try:
+            while True:
+                ready = {fd for fd, _ in poller.poll()}
+                if self._wake_r in ready:
+                    return
+                # Readable (or hung up): a whole frame must now arrive within the timeout,
+                # else the sender is stalled mid-frame.
+                self.inbox.put(source, channel.recv_frame(timeout_s=self.op_timeout_s))
+        except ChannelClosed:
+            self.inbox.fail(InboxFailure(f"{source} closed its pipe (the process exited?)"))
+        except Exception as exc:  # noqa: BLE001 - any failure must reach the main thread
+            self.inbox.fail(InboxFailure(f"{source}: {type(exc).__name__}: {exc}"))
+
+    def stop(self) -> None:
+        os.write(self._wake_w, b"x")
+        for thread in self._threads:
+            thread.join()
+        self._threads.clear()
+        os.close(self._wake_r)
+        os.close(self._wake_w)

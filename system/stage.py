@@ -1,0 +1,120 @@
+"""The compute of one pipeline stage, free of pipes and processes.
+
+A :class:`Stage` holds its own segment of layers, its optimizer and the state of the micro-batches
+in flight. It executes one schedule :class:`~system.schedule.Action` at a time and *says* what to
+send (an :class:`Outgoing`) instead of touching pipes; the worker process (``system.worker``)
+moves the frames. This keeps the math testable in one process and the plumbing thin.
+
+Where a stage's inputs come from:
+
+* ``F`` on the first stage reads samples from the workload; on the others, the activation frame
+  of the previous stage;
+* ``B``/``I`` on the last stage uses the logit gradient it computed in its own ``F``; on the
+  others, the gradient frame of the next stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from system.data.sampler import split_batch
+from system.digest import array_digest
+from system.nn import init_parameters, make_optimizer, softmax_cross_entropy
+from system.nn.layers import build_segment
+from system.protocol import Kind
+from system.schedule import Action, Op
+from system.workload import Workload
+
+UPSTREAM, DOWNSTREAM = "upstream", "downstream"
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    direction: str  # DOWNSTREAM (to the next stage) or UPSTREAM (to the previous one)
+    kind: Kind
+    microbatch: int
+    array: np.ndarray
+
+
+class Stage:
+    def __init__(
+        self, *, config, index: int, num_stages: int, first_layer: int, stop_layer: int,
+        workload: Workload | None, replica: int = 0,
+    ) -> None:
+        self.config = config
+        self.index = index
+        self.num_stages = num_stages
+        self.replica = replica
+        self.is_first = index == 0
+        self.is_last = index == num_stages - 1
+        if (self.is_first or self.is_last) and workload is None:
+            raise ValueError("the first and last stages need the workload")
+        self.workload = workload
+        sizes = list(config.layers)
+        all_params = init_parameters(sizes, config.seed, np.dtype(config.dtype), first_layer,
+                                     stop_layer)
+        self.params = all_params
+        self.segment = build_segment(all_params, first_layer, stop_layer, config.num_layers)
+        self.optimizer = make_optimizer(config.optimizer, self.params, config.lr)
+        self.names = list(self.params)
+        self._microbatches: list[np.ndarray] = []
+        self._global_batch = 0
+        self._logit_grads: dict[int, np.ndarray] = {}
+        self.step_loss = 0.0
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def begin_step(self, step: int) -> None:
+        """Prepare step ``step`` (from 1): zero gradients, find this replica's micro-batches."""
+        self.segment.zero_grads()
+        self.step_loss = 0.0
+        self._logit_grads.clear()
+        if self.workload is not None:
+            epoch, in_epoch = self.workload.locate(step)
+            batch = self.workload.batches.batch(epoch, in_epoch)
+            self._global_batch = len(batch)
+            shares = split_batch(batch, self.config.replicas, self.config.microbatches)
+            self._microbatches = shares[self.replica]
+
+    def needs_input(self, action: Action) -> str | None:
+        """Which neighbour's frame ``action`` consumes, or None if it needs none."""
+        if action.op is Op.FORWARD:
+            return None if self.is_first else UPSTREAM
+        if action.op in (Op.BACKWARD, Op.BACKWARD_INPUT):
+            return None if self.is_last else DOWNSTREAM
+        return None
+
+    def execute(self, action: Action, received: np.ndarray | None) -> Outgoing | None:
+        mb = action.microbatch
+        if action.op is Op.FORWARD:
+            if self.is_first:
+                received = self.workload.x[self._microbatches[mb]]
+            output = self.segment.forward(mb, received)
+            if not self.is_last:
+                return Outgoing(DOWNSTREAM, Kind.ACTIVATION, mb, output)
+            labels = self.workload.y[self._microbatches[mb]]
+            loss, grad = softmax_cross_entropy(output, labels, self._global_batch)
+            self.step_loss += loss
+            self._logit_grads[mb] = grad
+            return None
+        if action.op is Op.BACKWARD_WEIGHT:
+            self.segment.backward_weight(mb)
+            return None
+        grad_output = self._logit_grads.pop(mb) if self.is_last else received
+        if action.op is Op.BACKWARD:
+            grad_input = self.segment.backward(mb, grad_output)
+        else:
+            grad_input = self.segment.backward_input(mb, grad_output)
+        if self.is_first:
+            return None
+        return Outgoing(UPSTREAM, Kind.GRADIENT, mb, grad_input)
+
+    def grad_digests(self) -> list[str]:
+        grads = self.segment.grads()
+        return [array_digest(grads[name]).hex() for name in self.names]
+
+    def apply_update(self, grads: dict[str, np.ndarray] | None = None) -> None:
+        """The optimizer step, with the (all-reduced, when replicated) gradients."""
+        self.optimizer.step(grads if grads is not None else self.segment.grads())

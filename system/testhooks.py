@@ -1,0 +1,44 @@
+"""Test hooks: deliberate faults that tests and the harness switch on through the environment.
+
+``PIPETRAIN_TEST_FAULT`` holds a JSON object such as ``{"stage": 1, "step": 3, "kind": "raise"}``.
+Kinds: ``raise`` (an exception in the stage), ``exit`` (``os._exit(3)`` without a word),
+``hang`` (stop responding), ``perturb`` (a wrong gradient: the harness must catch it).
+Absent variable, no effect: production runs never see these paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+ENV = "PIPETRAIN_TEST_FAULT"
+
+
+def stage_fault(stage: int) -> dict[str, Any] | None:
+    text = os.environ.get(ENV)
+    if not text:
+        return None
+    fault = json.loads(text)
+    return fault if fault.get("stage") == stage else None
+
+
+def trigger(fault: dict[str, Any], where: str) -> None:
+    kind = fault.get("kind", "raise")
+    if kind == "raise":
+        raise RuntimeError(f"injected fault at {where}")
+    if kind == "exit":
+        os._exit(3)
+    if kind == "hang":
+        threading.Event().wait()
+
+
+def perturb(stage: Any, digests: list[str]) -> list[str]:
+    """Nudge one gradient element by one ulp before the update: a silent, tiny wrong result."""
+    grad = next(iter(stage.segment.grads().values()))
+    flat = grad.reshape(-1)
+    flat[0] = np.nextafter(flat[0], np.inf)
+    return digests

@@ -1,0 +1,254 @@
+"""Frame channels between pipeline stages.
+
+``Channel`` is the transport-independent interface; ``PipeChannel`` implements it over a pair
+of os.pipe file descriptors (one to read from, one to write to; either may be absent).
+Payloads move between the pipe and the array's own memory with writev/readv, never copied
+or pickled.  All fds are non-blocking and every wait goes through poll(), so every operation
+honours a deadline.
+"""
+
+from __future__ import annotations
+
+import abc
+import errno
+import fcntl
+import math
+import os
+import select
+import time
+from typing import Self
+
+import numpy as np
+
+from system.protocol import (
+    DEFAULT_MAX_FRAME_BYTES,
+    HEADER_SIZE,
+    Frame,
+    Kind,
+    ProtocolError,
+    byte_view,
+    check_payload,
+    decode_header,
+    describe,
+    encode_header,
+)
+
+PIPE_SIZE = 1 << 20
+_PIPE_MAX_SIZE_FILE = "/proc/sys/fs/pipe-max-size"
+
+
+class ChannelClosed(EOFError):
+    """The peer closed its end (cleanly, at a frame boundary), or this channel is closed."""
+
+
+class ChannelTimeout(TimeoutError):
+    """The deadline passed before the operation completed."""
+
+
+class Channel(abc.ABC):
+    """A bidirectional (or one-way) stream of frames to one peer."""
+
+    name: str
+
+    @abc.abstractmethod
+    def send_frame(self, kind: Kind, step: int, microbatch: int, array: np.ndarray, *,
+                   timeout_s: float | None = None) -> None: ...
+
+    @abc.abstractmethod
+    def recv_frame(self, *, timeout_s: float | None = None,
+                   out: np.ndarray | None = None) -> Frame: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def open_pipe() -> tuple[int, int]:
+    """(read_fd, write_fd), close-on-exec so only fds passed via pass_fds reach children."""
+    return os.pipe2(os.O_CLOEXEC)
+
+
+def _grow_pipe(fd: int) -> None:
+    # A bigger buffer lets a whole activation sit in the pipe while the peer is busy. The
+    # kernel caps unprivileged requests at pipe-max-size, so ask for no more than that.
+    size = PIPE_SIZE
+    try:
+        with open(_PIPE_MAX_SIZE_FILE) as f:
+            size = min(size, int(f.read()))
+    except (OSError, ValueError):
+        pass
+    try:
+        if fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) < size:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+    except (OSError, AttributeError):  # not a pipe, over the per-user limit, or not Linux
+        pass
+
+
+class PipeChannel(Channel):
+    """Frames over pipes. Takes ownership of the fds once constructed (close() closes them).
+
+    One thread may send while another receives; two concurrent senders (or receivers) are
+    not supported. If an operation fails in the middle of a frame (timeout, corrupt header,
+    mismatched ``out``) that direction is out of sync and every later call on it raises.
+    """
+
+    def __init__(self, read_fd: int | None, write_fd: int | None, *, name: str,
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+        if read_fd is None and write_fd is None:
+            raise ValueError(f"{name}: need a read fd, a write fd, or both")
+        self.name = name
+        self.max_frame_bytes = max_frame_bytes
+        for fd in (read_fd, write_fd):
+            if fd is not None:
+                _grow_pipe(fd)
+                # Note: O_NONBLOCK lives on the open file description, which is shared with
+                # any process that still holds a copy of this end; parents close theirs.
+                os.set_blocking(fd, False)
+        self._read_fd = read_fd
+        self._write_fd = write_fd
+        self._header_buf = bytearray(HEADER_SIZE)
+        self._rx_broken: str | None = None
+        self._tx_broken: str | None = None
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def send_frame(self, kind: Kind, step: int, microbatch: int, array: np.ndarray, *,
+                   timeout_s: float | None = None) -> None:
+        fd = self._usable(self._write_fd, self._tx_broken, "send")
+        deadline = _deadline(timeout_s)
+        if array.nbytes > self.max_frame_bytes:  # fail here rather than at the receiver
+            raise ProtocolError(f"{self.name}: frame of {array.nbytes} bytes exceeds the "
+                                f"maximum of {self.max_frame_bytes}")
+        header = encode_header(kind, step, microbatch, array)
+        pending = [b for b in (memoryview(header), byte_view(array)) if b.nbytes]
+        total, sent = HEADER_SIZE + array.nbytes, 0
+        while pending:
+            try:
+                n = os.writev(fd, pending)
+            except BlockingIOError:  # pipe full: wait for the reader to drain it
+                try:
+                    self._wait(fd, select.POLLOUT, deadline, timeout_s,
+                               f"send {describe(kind, step, microbatch)} "
+                               f"(sent {sent} of {total} bytes)")
+                except ChannelTimeout:
+                    if sent:  # the peer now holds a partial frame we can never complete
+                        self._tx_broken = "an earlier send timed out mid-frame"
+                    raise
+                continue
+            except BrokenPipeError:
+                raise ChannelClosed(f"{self.name}: peer closed the pipe") from None
+            sent += n
+            while n:  # drop what was written from the front of the buffer list
+                k = min(n, pending[0].nbytes)
+                pending[0], n = pending[0][k:], n - k
+                if not pending[0].nbytes:
+                    pending.pop(0)
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def recv_frame(self, *, timeout_s: float | None = None,
+                   out: np.ndarray | None = None) -> Frame:
+        fd = self._usable(self._read_fd, self._rx_broken, "receive")
+        deadline = _deadline(timeout_s)
+        try:
+            self._read_exact(fd, memoryview(self._header_buf), 0, HEADER_SIZE, deadline,
+                             timeout_s, "frame header")
+            header = decode_header(self._header_buf, self.max_frame_bytes)
+            if out is None:
+                array = np.empty(header.shape, dtype=header.dtype)
+            elif (out.dtype != header.dtype or out.shape != header.shape
+                  or not out.flags.c_contiguous or not out.flags.writeable):
+                raise ProtocolError(
+                    f"{self.name}: {header.describe()} carries {header.dtype} {header.shape} "
+                    f"but out is {out.dtype} {out.shape} (must match exactly, C-contiguous "
+                    f"and writeable)")
+            else:
+                array = out
+            payload = byte_view(array)
+            self._read_exact(fd, payload, HEADER_SIZE, HEADER_SIZE + header.nbytes, deadline,
+                             timeout_s, f"payload of {header.describe()}")
+        except ProtocolError as exc:  # header consumed, payload not (fully) consumed
+            self._rx_broken = f"an earlier receive failed mid-frame ({exc})"
+            raise
+        check_payload(header, payload)  # the whole frame was consumed: still in sync
+        return Frame(header.kind, header.step, header.microbatch, array)
+
+    def _read_exact(self, fd: int, buf: memoryview, offset: int, total: int,
+                    deadline: float | None, timeout_s: float | None, what: str) -> None:
+        """Fill ``buf``, which holds frame bytes offset..total, from the pipe."""
+        got = 0
+        while got < buf.nbytes:
+            try:
+                n = os.readv(fd, [buf[got:]])
+            except BlockingIOError:
+                try:
+                    self._wait(fd, select.POLLIN, deadline, timeout_s,
+                               f"receive {what} (got {offset + got} of {total} bytes)")
+                except ChannelTimeout:
+                    if offset + got:  # part of a frame is consumed and would be lost
+                        self._rx_broken = "an earlier receive timed out mid-frame"
+                    raise
+                continue
+            if n == 0:
+                if offset + got == 0:
+                    raise ChannelClosed(f"{self.name}: peer closed the pipe")
+                raise ProtocolError(f"{self.name}: truncated frame: got {offset + got} of "
+                                    f"{total} bytes of {what} before end-of-file")
+            got += n
+
+    def _wait(self, fd: int, event: int, deadline: float | None, timeout_s: float | None,
+              what: str) -> None:
+        if deadline is None:
+            timeout_ms = None
+        else:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ChannelTimeout(f"{self.name}: timed out after {timeout_s}s waiting to "
+                                     f"{what}")
+            timeout_ms = math.ceil(remaining * 1000)  # round up: no busy loop near the end
+        poller = select.poll()
+        poller.register(fd, event)
+        poller.poll(timeout_ms)  # readiness, HUP or ERR: the next read/write tells which
+
+    def _usable(self, fd: int | None, broken: str | None, op: str) -> int:
+        if fd is None:
+            if self._read_fd is None and self._write_fd is None:
+                raise ChannelClosed(f"{self.name}: channel is closed")
+            raise ValueError(f"{self.name}: channel has no fd to {op} on")
+        if broken is not None:
+            raise ProtocolError(f"{self.name}: cannot {op}: {broken}; stream is out of sync")
+        return fd
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def readable_fileno(self) -> int | None:
+        """The read fd (for callers' select/poll), or None if write-only or closed."""
+        return self._read_fd
+
+    def fileno(self) -> int:
+        if self._read_fd is None:
+            raise ValueError(f"{self.name}: no readable fd (write-only or closed)")
+        return self._read_fd
+
+    def close(self) -> None:
+        fds, self._read_fd, self._write_fd = (self._read_fd, self._write_fd), None, None
+        for fd in fds:
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError as exc:
+                    if exc.errno != errno.EBADF:
+                        raise
+
+    def __repr__(self) -> str:
+        return f"PipeChannel({self.name!r}, read_fd={self._read_fd}, write_fd={self._write_fd})"
+
+
+def _deadline(timeout_s: float | None) -> float | None:
+    return None if timeout_s is None else time.monotonic() + timeout_s

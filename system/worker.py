@@ -1,0 +1,227 @@
+"""The stage worker process: one pipeline stage, its pipes and its threads.
+
+::
+
+    coordinator ──control──▶ [recv-control] ─┐
+        ▲                                     ▼
+        └──────── replies ─────────────── main thread ──activations──▶ next stage
+                                             ▲   │
+    previous stage ──activations──▶ [recv-upstream]  └──gradients───▶ previous stage
+    next stage ─────gradients────▶ [recv-downstream]
+
+Receiver threads (``system.inbox``) read every inbound pipe ahead into the inbox; the main
+thread runs the schedule's actions for each ``step`` command and sends frames itself. Started as
+``python -m system.worker CONTROL_IN_FD CONTROL_OUT_FD`` with only the fds it needs; the first
+control message says who it is (``init``). It dies with the coordinator (PR_SET_PDEATHSIG, and
+end-of-file on the control pipe as the portable backstop), ignores SIGINT (a Ctrl-C is the
+coordinator's to handle) and exits cleanly on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+import numpy as np
+
+from system import testhooks
+from system.config import build_config
+from system.inbox import Inbox, InboxFailure, Receivers
+from system.protocol import Kind, ProtocolError, decode_json, encode_json
+from system.schedule import build as build_schedule
+from system.stage import DOWNSTREAM, UPSTREAM, Stage
+from system.transport import PipeChannel
+from system.workload import prepare
+
+PR_SET_PDEATHSIG = 1
+CONTROL = "control"
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL us when the coordinator dies (Linux only; EOF is the backstop)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+class Worker:
+    def __init__(self, control: PipeChannel) -> None:
+        self.control = control
+        self.control_lock = threading.Lock()  # the main thread and the heartbeat thread reply
+        self.inbox = Inbox()
+        self.terminate = False
+        self.channels: dict[str, PipeChannel] = {}
+        self.receivers: Receivers | None = None
+        self.stage: Stage | None = None
+        self.name = f"worker pid {os.getpid()}"
+
+    # -- control messages ------------------------------------------------------------------
+
+    def reply(self, message: dict[str, Any]) -> None:
+        with self.control_lock:
+            self.control.send_frame(Kind.CONTROL, 0, 0, encode_json(message))
+
+    def next_command(self) -> dict[str, Any]:
+        frame = self.inbox.get(CONTROL, interrupted=lambda: self.terminate)
+        if frame.kind != Kind.CONTROL:
+            raise ProtocolError(f"{self.name}: expected a control frame, got kind {frame.kind}")
+        return decode_json(frame.array)
+
+    # -- set-up ----------------------------------------------------------------------------
+
+    def init(self, message: dict[str, Any]) -> None:
+        config = build_config(message["config"], source="init")
+        index, num_stages = message["stage"], message["num_stages"]
+        self.name = f"stage {index}"
+        first, stop = message["layers"]
+        needs_data = index == 0 or index == num_stages - 1
+        self.stage = Stage(
+            config=config, index=index, num_stages=num_stages, first_layer=first,
+            stop_layer=stop, workload=prepare(config) if needs_data else None,
+            replica=message.get("replica", 0),
+        )
+        self.actions = build_schedule(config.schedule, num_stages, config.microbatches)[index]
+        self.op_timeout_s = message.get("op_timeout_s")
+        fds = message["fds"]
+        self.receivers = Receivers(self.inbox, op_timeout_s=self.op_timeout_s)
+        if "up_in" in fds:
+            self.channels[UPSTREAM] = PipeChannel(fds["up_in"], fds["up_out"], name="upstream")
+            self.receivers.start(UPSTREAM, self.channels[UPSTREAM])
+        if "down_in" in fds:
+            self.channels[DOWNSTREAM] = PipeChannel(
+                fds["down_in"], fds["down_out"], name="downstream"
+            )
+            self.receivers.start(DOWNSTREAM, self.channels[DOWNSTREAM])
+        self.fault = testhooks.stage_fault(index)
+
+    # -- commands ----------------------------------------------------------------------------
+
+    def run_step(self, step: int) -> None:
+        stage = self.stage
+        assert stage is not None
+        if self.fault and self.fault.get("step") == step:
+            testhooks.trigger(self.fault, f"stage {stage.index} step {step}")
+        started = time.perf_counter()
+        waited = 0.0
+        stage.begin_step(step)
+        for action in self.actions:
+            source = stage.needs_input(action)
+            received = None
+            if source is not None:
+                wait_start = time.perf_counter()
+                frame = self.inbox.get(source, interrupted=lambda: self.terminate)
+                waited += time.perf_counter() - wait_start
+                expected = Kind.ACTIVATION if source == UPSTREAM else Kind.GRADIENT
+                if (frame.kind, frame.step, frame.microbatch) != (
+                    expected, step, action.microbatch
+                ):
+                    raise ProtocolError(
+                        f"stage {stage.index} at {action}: expected {expected.name} step {step} "
+                        f"micro-batch {action.microbatch} from {source}, got kind {frame.kind} "
+                        f"step {frame.step} micro-batch {frame.microbatch}"
+                    )
+                received = frame.array
+            outgoing = stage.execute(action, received)
+            if outgoing is not None:
+                self.channels[outgoing.direction].send_frame(
+                    outgoing.kind, step, outgoing.microbatch, outgoing.array,
+                    timeout_s=self.op_timeout_s,
+                )
+        digests = stage.grad_digests()
+        if self.fault and self.fault.get("kind") == "perturb" and self.fault.get("step") == step:
+            digests = testhooks.perturb(stage, digests)
+        stage.apply_update()
+        elapsed = time.perf_counter() - started
+        self.reply({
+            "event": "step_done", "step": step, "loss": stage.step_loss if stage.is_last else None,
+            "digests": digests, "compute_s": elapsed - waited, "wait_s": waited,
+        })
+
+    def send_params(self) -> None:
+        stage = self.stage
+        assert stage is not None
+        names = stage.names
+        self.reply({"event": "params", "names": names})
+        with self.control_lock:
+            for position, name in enumerate(names):
+                self.control.send_frame(Kind.PARAMETER, 0, position, stage.params[name])
+
+    def serve(self) -> int:
+        self.receivers_control = Receivers(self.inbox, op_timeout_s=None)
+        self.receivers_control.start(CONTROL, self.control)
+        try:
+            message = self.next_command()
+            if message.get("cmd") != "init":
+                raise ProtocolError(f"first control message must be init, got {message}")
+            self.init(message)
+            self.reply({"event": "ready", "pid": os.getpid()})
+            while True:
+                message = self.next_command()
+                command = message.get("cmd")
+                if command == "step":
+                    self.run_step(int(message["step"]))
+                elif command == "params":
+                    self.send_params()
+                elif command == "stop":
+                    return 0
+                else:
+                    raise ProtocolError(f"{self.name}: unknown command {command!r}")
+        except InterruptedError:
+            return 0  # SIGTERM: leave quietly, the coordinator decides what happens next
+        except InboxFailure as exc:
+            if self.terminate:
+                return 0
+            self._report(f"{exc}")
+            return 1
+        except Exception as exc:  # noqa: BLE001 - every failure must reach the coordinator
+            self._report(f"{type(exc).__name__}: {exc}", traceback.format_exc())
+            return 1
+        finally:
+            self.shutdown()
+
+    def _report(self, message: str, trace: str = "") -> None:
+        sys.stderr.write(f"{self.name}: {message}\n{trace}")
+        try:
+            self.reply({"event": "error", "message": message, "traceback": trace})
+        except Exception:  # noqa: BLE001 - the coordinator may be gone already
+            pass
+
+    def shutdown(self) -> None:
+        for receivers in (self.receivers, getattr(self, "receivers_control", None)):
+            if receivers is not None:
+                receivers.stop()
+        for channel in self.channels.values():
+            channel.close()
+        self.control.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    control = PipeChannel(int(argv[0]), int(argv[1]), name="control")
+    worker = Worker(control)
+
+    def on_term(signum: int, frame: object) -> None:
+        worker.terminate = True  # only the flag: the main thread acts on it
+
+    signal.signal(signal.SIGTERM, on_term)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(int(os.environ.get("PIPETRAIN_BLAS_THREADS", "1"))):
+        return worker.serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
