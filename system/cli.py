@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from system.config import (
-    BALANCES, DTYPES, SCHEDULES, TRANSPORTS, ConfigError, TrainConfig, build_config, load_toml,
+    BALANCES,
+    DTYPES,
+    SCHEDULES,
+    TRANSPORTS,
+    ConfigError,
+    TrainConfig,
+    build_config,
+    load_toml,
 )
 from system.data.datasets import NORMALIZATIONS, DataError
 from system.nn.optim import OPTIMIZERS
@@ -90,6 +97,8 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         value = getattr(args, key, None)
         if value is not None:
             values[key] = value
+    if args.command == "reference":
+        values["stages"] = 1  # one process by definition; a config's stage count is moot here
     return build_config(values, source=source)
 
 

@@ -39,11 +39,11 @@ from system.nn.layers import build_segment
 from system.partition import layer_costs, partition
 from system.progress import Progress
 from system.protocol import Kind, ProtocolError, decode_json, encode_json
+from system.rundir import RunDir, save_params
 from system.schedule import build as build_schedule
 from system.schedule import validate as validate_schedule
 from system.transport import ChannelClosed, ChannelTimeout, PipeChannel, open_pipe
 from system.workload import Workload, accuracy, prepare
-from system.rundir import RunDir, save_params
 
 STOP_GRACE_S = 3.0
 

@@ -20,7 +20,6 @@ coordinator's to handle) and exits cleanly on SIGTERM.
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import signal
 import sys
@@ -28,8 +27,6 @@ import threading
 import time
 import traceback
 from typing import Any
-
-import numpy as np
 
 from system import testhooks
 from system.config import build_config

@@ -21,18 +21,6 @@ from system.transport import (
 )
 
 
-def _open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture(autouse=True)
-def no_fd_leaks() -> Iterator[None]:
-    before = _open_fds()
-    yield
-    leaked = _open_fds() - before
-    assert not leaked, f"test leaked fds {sorted(leaked)}"
-
-
 @pytest.fixture
 def channels() -> Iterator[tuple[PipeChannel, PipeChannel]]:
     """(sender, receiver) joined by one pipe."""

@@ -1,0 +1,87 @@
+"""Shared helpers for tests that run pipetrain as real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None,
+            check: bool = False) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "system.cli", *args], capture_output=True, text=True,
+        timeout=timeout, env=env or cli_env(), cwd=REPO,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"pipetrain {' '.join(args)} exited {result.returncode}:\n"
+                             f"{result.stdout}\n{result.stderr}")
+    return result
+
+
+def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "system.cli", *args], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env=env or cli_env(), cwd=REPO,
+    )
+
+
+def load_params(run_dir: Path, name: str = "final.npz") -> dict[str, np.ndarray]:
+    with np.load(Path(run_dir) / name, allow_pickle=False) as archive:
+        return {key: archive[key] for key in archive.files}
+
+
+def events(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "events.jsonl"
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def step_events(run_dir: Path) -> list[dict]:
+    return [e for e in events(run_dir) if e["event"] == "step"]
+
+
+def assert_bitwise_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert list(a) == list(b), f"parameter names differ: {list(a)} vs {list(b)}"
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert np.array_equal(a[name], b[name]), f"{name} differs"
+
+
+def assert_same_steps(run_a: Path, run_b: Path) -> None:
+    steps_a = [(e["step"], e["loss"], e["grad_digest"]) for e in step_events(run_a)]
+    steps_b = [(e["step"], e["loss"], e["grad_digest"]) for e in step_events(run_b)]
+    assert len(steps_a) == len(steps_b) and steps_a, (len(steps_a), len(steps_b))
+    for x, y in zip(steps_a, steps_b, strict=True):
+        assert x == y, f"first differing step: {x} vs {y}"
+
+
+def run_state(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "run.json").read_text())
+
+
+def assert_no_survivors(run_dir: Path) -> None:
+    """Every process the run recorded is gone (not even a zombie of ours)."""
+    state = run_state(run_dir)
+    pids = [state.get("coordinator_pid"), *state.get("worker_pids", [])]
+    for pid in filter(None, pids):
+        try:
+            process = psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            continue
+        # pid reuse: only a process started by this run counts
+        assert "system." not in " ".join(process.cmdline()), f"pid {pid} survived the run"
