@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
     values: dict[str, Any] = {}
     source = "options"
+    if getattr(args, "resume", False) and args.run_dir:
+        # A resumed run starts from the config it was started with; options still override.
+        recorded = _read_run(args.run_dir).get("config", {})
+        values.update({k: v for k, v in recorded.items() if k != "run_dir"})
+        source = f"{args.run_dir}/run.json"
     if args.config:
         values.update(load_toml(args.config))
         source = args.config
@@ -160,6 +165,8 @@ def run(argv: list[str] | None = None) -> int:
     run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(args.command)
     if args.resume and not config.run_dir:
         raise UsageError("--resume needs --run-dir of the run to continue")
+    if args.resume and _read_run(str(run_dir)).get("state") == "done":
+        raise UsageError(f"{run_dir}: the run already finished; nothing to resume")
     if not args.resume and (run_dir / "events.jsonl").exists():
         raise UsageError(f"{run_dir}: already holds a run (use --resume, or another --run-dir)")
     config = config.replace(run_dir=str(run_dir))
@@ -169,7 +176,7 @@ def run(argv: list[str] | None = None) -> int:
 
             status = run_reference(config, run_dir, quiet=args.quiet)
         else:
-            from system.coordinator import run_training
+            from system.trainer import run_training
 
             status = run_training(config, run_dir, quiet=args.quiet, resume=args.resume)
     if not args.quiet:

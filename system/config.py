@@ -64,10 +64,12 @@ class TrainConfig:
         data["layers"] = list(self.layers)
         return data
 
+    def math_config(self) -> dict[str, Any]:
+        """The keys that decide the numbers (not where or how fast they run)."""
+        return {key: value for key, value in self.to_json().items() if key in MATH_KEYS}
+
     def math_digest(self) -> str:
-        """sha256 of the keys that decide the numbers (not where or how fast they run)."""
-        data = {key: value for key, value in self.to_json().items() if key in MATH_KEYS}
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+        return hashlib.sha256(json.dumps(self.math_config(), sort_keys=True).encode()).hexdigest()
 
     @property
     def num_layers(self) -> int:
@@ -119,7 +121,9 @@ def _convert(key: str, value: Any, source: str) -> Any:
             try:
                 value = [int(part) for part in value.split(",")]
             except ValueError:
-                raise ConfigError(f"{where}: expected sizes like 64,128,10, got {value!r}") from None
+                raise ConfigError(
+                    f"{where}: expected sizes like 64,128,10, got {value!r}"
+                ) from None
         if not isinstance(value, list | tuple) or not all(
             isinstance(v, int) and not isinstance(v, bool) for v in value
         ):

@@ -20,6 +20,7 @@ control pipe) or error is seen at once and becomes a :class:`WorkerFailed`, neve
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import subprocess
@@ -32,24 +33,27 @@ from typing import Any
 import numpy as np
 
 import system
+from system import checkpoint
 from system.config import TrainConfig
+from system.control import SignalControl
 from system.digest import combine
 from system.nn import parameter_names
-from system.nn.layers import build_segment
 from system.partition import layer_costs, partition
-from system.progress import Progress
 from system.protocol import Kind, ProtocolError, decode_json, encode_json
-from system.rundir import RunDir, save_params
+from system.rundir import RunDir
 from system.schedule import build as build_schedule
 from system.schedule import validate as validate_schedule
 from system.transport import ChannelClosed, ChannelTimeout, PipeChannel, open_pipe
-from system.workload import Workload, accuracy, prepare
 
 STOP_GRACE_S = 3.0
 
 
 class WorkerFailed(RuntimeError):
     """A stage died, reported an error or stopped answering; the message names it."""
+
+
+class Aborted(Exception):
+    """The user insisted (a second SIGINT): stop now, without a checkpoint."""
 
 
 @dataclass
@@ -79,9 +83,11 @@ def _child_env(config: TrainConfig) -> dict[str, str]:
 
 
 class Coordinator:
-    def __init__(self, config: TrainConfig, run: RunDir) -> None:
+    def __init__(self, config: TrainConfig, run: RunDir,
+                 signals: SignalControl | None = None) -> None:
         self.config = config
         self.run = run
+        self.signals = signals
         self.bounds = partition(layer_costs(list(config.layers)), config.stages)
         schedule = build_schedule(config.schedule, config.stages, config.microbatches)
         validate_schedule(schedule, config.stages, config.microbatches)
@@ -90,8 +96,12 @@ class Coordinator:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Spawn every stage with only its own fds, send each its init, wait until all ready."""
+    def start(self, resume_from: Path | None = None) -> None:
+        """Spawn every stage with only its own fds, send each its init, wait until all ready.
+
+        With ``resume_from`` (a verified checkpoint directory) every stage loads its parameters
+        and optimizer state from it instead of initialising them from the seed.
+        """
         num_stages = self.config.stages
         # links[s] connects stage s and s+1: activations down, gradients up.
         links = [(open_pipe(), open_pipe()) for _ in range(num_stages - 1)]
@@ -105,7 +115,7 @@ class Coordinator:
                 if index < num_stages - 1:
                     (_, act_w), (grad_r, _) = links[index]
                     fds.update(down_in=grad_r, down_out=act_w)
-                self.workers.append(self._spawn(index, layers, fds, env))
+                self.workers.append(self._spawn(index, layers, fds, env, resume_from))
         finally:
             for pair in links:  # the children hold their ends now; ours would hide EOFs
                 for read_fd, write_fd in pair:
@@ -114,7 +124,7 @@ class Coordinator:
         self.collect("ready")
 
     def _spawn(self, index: int, layers: tuple[int, int], fds: dict[str, int],
-               env: dict[str, str]) -> WorkerHandle:
+               env: dict[str, str], resume_from: Path | None) -> WorkerHandle:
         to_child_r, to_child_w = open_pipe()
         from_child_r, from_child_w = open_pipe()
         log_path = self.run.path / "logs" / f"stage-{index}.log"
@@ -134,6 +144,7 @@ class Coordinator:
             "cmd": "init", "config": self.config.to_json(), "stage": index,
             "num_stages": self.config.stages, "layers": list(layers), "fds": fds,
             "op_timeout_s": self.op_timeout_s,
+            "resume_from": str(resume_from) if resume_from else None,
         })
         return handle
 
@@ -141,10 +152,8 @@ class Coordinator:
         """Stop every worker (politely, then SIGKILL), reap it and close its pipes."""
         for worker in self.workers:
             if worker.process.poll() is None:
-                try:
+                with contextlib.suppress(ChannelClosed, ChannelTimeout, ProtocolError, OSError):
                     self.send(worker, {"cmd": "stop"})
-                except (ChannelClosed, ChannelTimeout, ProtocolError, OSError):
-                    pass
         deadline = time.monotonic() + STOP_GRACE_S
         for worker in self.workers:
             try:
@@ -180,8 +189,13 @@ class Coordinator:
         poller = select.poll()
         for fd in by_fd:
             poller.register(fd, select.POLLIN)
+        if self.signals is not None:
+            poller.register(self.signals.fileno(), select.POLLIN)
         while len(replies) < len(self.workers):
             for fd, _ in poller.poll():
+                if fd not in by_fd:
+                    self.check_signals()
+                    continue
                 worker = by_fd[fd]
                 message = self.receive(worker)
                 if message.get("event") == "error":
@@ -194,6 +208,11 @@ class Coordinator:
                     break
                 poller.unregister(fd)
         return [replies[index] for index in range(len(self.workers))]
+
+    def check_signals(self) -> None:
+        """Fold pending signals into requests; a second SIGINT aborts right away."""
+        if self.signals is not None and self.signals.drain().abort:
+            raise Aborted("aborted by a second interrupt")
 
     def receive(self, worker: WorkerHandle) -> dict[str, Any]:
         try:
@@ -239,68 +258,13 @@ class Coordinator:
                 params[name] = frame.array
         return {name: params[name] for name in parameter_names(self.config.num_layers)}
 
-
-def evaluate(params: dict[str, np.ndarray], config: TrainConfig, workload: Workload) -> float:
-    indices = workload.eval_indices
-    if len(indices) == 0:
-        return float("nan")
-    segment = build_segment(params, 0, config.num_layers, config.num_layers)
-    return accuracy(segment.forward(-1, workload.x[indices], keep=False), workload.y[indices])
-
-
-def run_training(config: TrainConfig, run_dir: Path, *, quiet: bool = False,
-                 resume: bool = False) -> int:
-    workload = prepare(config)
-    progress = Progress(workload.total_steps, quiet=quiet)
-    with RunDir(run_dir) as run:
-        coordinator = Coordinator(config, run)
-        run.update_state(
-            command="train", state="starting", config=config.to_json(),
-            config_digest=config.math_digest(), coordinator_pid=os.getpid(), worker_pids=[],
-            step=0, epoch=0, total_steps=workload.total_steps,
-            segments=[list(b) for b in coordinator.bounds],
-        )
-        try:
-            coordinator.start()
-            run.update_state(state="running", worker_pids=coordinator.pids)
-            save_params(run.path / "initial.npz", coordinator.gather_params())
-            run.emit("run_start", command="train", total_steps=workload.total_steps,
-                     config=config.to_json(), segments=[list(b) for b in coordinator.bounds])
-            status = _train_loop(coordinator, config, workload, run, progress)
-        except WorkerFailed as exc:
-            message = f"run failed: {exc}"
-            run.emit("error", message=message)
-            run.emit("run_end", status="failed")
-            run.update_state(state="failed", error=message)
-            print(f"pipetrain: {message}", file=sys.stderr)
-            status = 1
-        finally:
-            coordinator.shutdown()
-        return status
+    def checkpoint(self, step: int, epoch: int) -> Path:
+        """Every stage writes its segment into a temporary directory, then it is committed."""
+        tmp = checkpoint.begin(self.run.checkpoints, step)
+        self.broadcast({"cmd": "checkpoint", "dir": str(tmp)})
+        files = {reply["file"]: reply["sha256"] for reply in self.collect("checkpointed")}
+        return checkpoint.commit(tmp, step=step, epoch=epoch, files=files,
+                                 config=self.config.math_config(),
+                                 config_digest=self.config.math_digest())
 
 
-def _train_loop(coordinator: Coordinator, config: TrainConfig, workload: Workload,
-                run: RunDir, progress: Progress) -> int:
-    step = 0
-    loss = float("nan")
-    window_start, window_steps = time.monotonic(), 0
-    for epoch in range(config.epochs):
-        for _ in range(workload.steps_per_epoch):
-            step += 1
-            loss, digest, _replies = coordinator.step(step)
-            run.emit("step", epoch=epoch, step=step, loss=loss, grad_digest=digest)
-            progress.step(step, epoch, loss)
-            window_steps += 1
-        elapsed = time.monotonic() - window_start
-        rate = window_steps * config.batch_size / elapsed if elapsed > 0 else None
-        window_start, window_steps = time.monotonic(), 0
-        run.emit("epoch_end", epoch=epoch, step=step, loss=loss)
-        acc = evaluate(coordinator.gather_params(), config, workload)
-        run.emit("evaluate", epoch=epoch, step=step, accuracy=acc)
-        progress.epoch(epoch, loss, acc)
-        run.update_state(step=step, epoch=epoch + 1, last_loss=loss, accuracy=acc,
-                         samples_per_s=rate)
-    save_params(run.path / "final.npz", coordinator.gather_params())
-    run.emit("run_end", status="done", step=step)
-    run.update_state(state="done")
-    return 0

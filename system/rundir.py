@@ -26,15 +26,21 @@ def default_run_dir(command: str) -> Path:
     return candidate
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old or the new content."""
+def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` so that a reader sees either the old or the new content.
+
+    ``durable`` adds the fsyncs that make this hold across a machine crash too; frequent
+    progress updates skip them (a lost update is harmless, an fsync per step is not).
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as handle:
         handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def fsync_dir(path: Path) -> None:
@@ -84,9 +90,10 @@ class RunDir:
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 
-    def update_state(self, **fields: Any) -> None:
+    def update_state(self, *, durable: bool = True, **fields: Any) -> None:
         self.state.update(fields)
-        write_atomic(self.run_json, (json.dumps(self.state, indent=2) + "\n").encode())
+        write_atomic(self.run_json, (json.dumps(self.state, indent=2) + "\n").encode(),
+                     durable=durable)
 
     def emit(self, event: str, **fields: Any) -> dict[str, Any]:
         if self._events is None:

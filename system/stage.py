@@ -115,6 +115,15 @@ class Stage:
         grads = self.segment.grads()
         return [array_digest(grads[name]).hex() for name in self.names]
 
+    def load_state(self, params: dict[str, np.ndarray], optim: dict[str, np.ndarray]) -> None:
+        """Restore parameters and optimizer state in place (the segment shares these arrays)."""
+        for name in self.names:
+            if params[name].shape != self.params[name].shape:
+                raise ValueError(f"checkpoint {name} has shape {params[name].shape}, the model "
+                                 f"{self.params[name].shape}")
+            self.params[name][...] = params[name]
+        self.optimizer.load_state_dict(optim)
+
     def apply_update(self, grads: dict[str, np.ndarray] | None = None) -> None:
         """The optimizer step, with the (all-reduced, when replicated) gradients."""
         self.optimizer.step(grads if grads is not None else self.segment.grads())

@@ -11,11 +11,21 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from typing import Any
 
 import numpy as np
 
 ENV = "PIPETRAIN_TEST_FAULT"
+# Seconds every stage sleeps before each step: a stand-in for a heavy model, so that tests can
+# signal a run in the middle of its steps without training a big network on 2 cores.
+DELAY_ENV = "PIPETRAIN_TEST_STEP_DELAY_S"
+
+
+def step_delay() -> None:
+    delay = float(os.environ.get(DELAY_ENV) or 0)
+    if delay > 0:
+        time.sleep(delay)
 
 
 def stage_fault(stage: int) -> dict[str, Any] | None:

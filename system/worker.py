@@ -19,6 +19,7 @@ coordinator's to handle) and exits cleanly on SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -26,9 +27,10 @@ import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
-from system import testhooks
+from system import checkpoint, testhooks
 from system.config import build_config
 from system.inbox import Inbox, InboxFailure, Receivers
 from system.protocol import Kind, ProtocolError, decode_json, encode_json
@@ -101,6 +103,9 @@ class Worker:
             )
             self.receivers.start(DOWNSTREAM, self.channels[DOWNSTREAM])
         self.fault = testhooks.stage_fault(index)
+        if message.get("resume_from"):
+            manifest = checkpoint.verify(Path(message["resume_from"]))
+            self.stage.load_state(*checkpoint.load_state(manifest, self.stage.names))
 
     # -- commands ----------------------------------------------------------------------------
 
@@ -109,6 +114,7 @@ class Worker:
         assert stage is not None
         if self.fault and self.fault.get("step") == step:
             testhooks.trigger(self.fault, f"stage {stage.index} step {step}")
+        testhooks.step_delay()
         started = time.perf_counter()
         waited = 0.0
         stage.begin_step(step)
@@ -154,6 +160,14 @@ class Worker:
             for position, name in enumerate(names):
                 self.control.send_frame(Kind.PARAMETER, 0, position, stage.params[name])
 
+    def write_checkpoint(self, directory: Path) -> None:
+        stage = self.stage
+        assert stage is not None
+        name, sha256 = checkpoint.write_segment(
+            directory, stage.index, stage.params, stage.optimizer.state_dict()
+        )
+        self.reply({"event": "checkpointed", "file": name, "sha256": sha256})
+
     def serve(self) -> int:
         self.receivers_control = Receivers(self.inbox, op_timeout_s=None)
         self.receivers_control.start(CONTROL, self.control)
@@ -170,6 +184,8 @@ class Worker:
                     self.run_step(int(message["step"]))
                 elif command == "params":
                     self.send_params()
+                elif command == "checkpoint":
+                    self.write_checkpoint(Path(message["dir"]))
                 elif command == "stop":
                     return 0
                 else:
@@ -189,10 +205,8 @@ class Worker:
 
     def _report(self, message: str, trace: str = "") -> None:
         sys.stderr.write(f"{self.name}: {message}\n{trace}")
-        try:
+        with contextlib.suppress(Exception):  # the coordinator may be gone already
             self.reply({"event": "error", "message": message, "traceback": trace})
-        except Exception:  # noqa: BLE001 - the coordinator may be gone already
-            pass
 
     def shutdown(self) -> None:
         for receivers in (self.receivers, getattr(self, "receivers_control", None)):

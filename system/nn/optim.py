@@ -82,5 +82,6 @@ def make_optimizer(name: str, params: dict[str, np.ndarray], lr: float) -> Optim
     try:
         cls = OPTIMIZERS[name]
     except KeyError:
-        raise ValueError(f"unknown optimizer {name!r} (choose from {', '.join(OPTIMIZERS)})")
+        choices = ", ".join(OPTIMIZERS)
+        raise ValueError(f"unknown optimizer {name!r} (choose from {choices})") from None
     return cls(params, lr)

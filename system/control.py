@@ -1,0 +1,106 @@
+"""Unix signals as run-control requests.
+
+Why this design: a Python signal handler runs only when the main thread next executes bytecode,
+and the kernel may deliver a process-directed signal to any thread. A main thread blocked in
+``Event.wait()`` or ``Queue.get()`` would then react late or never; and when several signals
+arrive between two bytecodes, Python runs their handlers in signal-number order, not arrival
+order (a SIGTSTP then SIGCONT would look like SIGCONT then SIGTSTP). So the handlers do nothing
+themselves: ``signal.set_wakeup_fd`` makes the C-level handler write each signal's number to a
+pipe, in arrival order, and the coordinator's main thread — which only ever waits in ``poll`` with
+that pipe among its fds — wakes at once, drains the pipe and folds the numbers into requests.
+The requests take effect at the next step boundary. Alternatives rejected: ``signalfd`` (needs
+every thread to block the signals, including threads of libraries we do not own) and flags polled
+in time slices (latency, and the lost ordering above).
+
+A burst of the same signal collapses into one request. Installation is a context manager that
+restores the previous handlers and wake-up fd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+HANDLED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTSTP, signal.SIGCONT, signal.SIGTERM,
+           signal.SIGINT)
+
+
+@dataclass
+class Requests:
+    """What the signals received so far ask for. Cleared by whoever acts on them."""
+
+    checkpoint: bool = False     # SIGUSR1
+    epoch_stop: bool = False     # SIGUSR2
+    paused: bool = False         # SIGTSTP sets, SIGCONT clears: the last one wins
+    stop: bool = False           # SIGTERM or a first SIGINT
+    abort: bool = False          # a second SIGINT
+    interrupts: int = 0
+    received: int = 0
+
+    def apply(self, signum: int) -> None:
+        self.received += 1
+        if signum == signal.SIGUSR1:
+            self.checkpoint = True
+        elif signum == signal.SIGUSR2:
+            self.epoch_stop = True
+        elif signum == signal.SIGTSTP:
+            self.paused = True
+        elif signum == signal.SIGCONT:
+            self.paused = False
+        elif signum == signal.SIGTERM:
+            self.stop = True
+        elif signum == signal.SIGINT:
+            self.interrupts += 1
+            self.stop = True
+            self.abort = self.interrupts >= 2
+
+
+class SignalControl:
+    def __init__(self) -> None:
+        self.requests = Requests()
+        self._read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):  # room for a storm of signals between two drains
+            fcntl.fcntl(self._write_fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+
+    def fileno(self) -> int:
+        return self._read_fd
+
+    def drain(self) -> Requests:
+        """Fold every signal received since the last drain, in arrival order."""
+        while True:
+            try:
+                data = os.read(self._read_fd, 65536)
+            except BlockingIOError:
+                break
+            if not data:
+                break
+            for signum in data:
+                self.requests.apply(signum)
+        return self.requests
+
+    def close(self) -> None:
+        os.close(self._read_fd)
+        os.close(self._write_fd)
+
+
+def _noop(signum: int, frame: object) -> None:
+    """The work is done by the wake-up fd; a Python handler must exist to replace the default
+    action (SIGTSTP would stop the process, SIGTERM and SIGINT would end it)."""
+
+
+@contextlib.contextmanager
+def signal_control() -> Iterator[SignalControl]:
+    control = SignalControl()
+    previous = {sig: signal.signal(sig, _noop) for sig in HANDLED}
+    previous_fd = signal.set_wakeup_fd(control._write_fd, warn_on_full_buffer=False)
+    try:
+        yield control
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        control.close()

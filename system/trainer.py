@@ -1,0 +1,209 @@
+"""The distributed training run: the step loop around the coordinator.
+
+Between two steps (a *step boundary*) the loop acts on what the signals asked for, in this order:
+abort (a second SIGINT: exit 130 at once), pause (SIGTSTP: every process idle until SIGCONT),
+checkpoint (SIGUSR1, or periodic), stop (SIGTERM / SIGINT: checkpoint, exit 0), and at the end of
+an epoch, epoch-stop (SIGUSR2: checkpoint, exit 0). Nothing happens inside a step, so every
+checkpoint is consistent: all stages hold the parameters of the same step.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import sys
+import time
+from pathlib import Path
+
+from system import checkpoint
+from system.config import ConfigError, TrainConfig
+from system.control import SignalControl, signal_control
+from system.coordinator import Aborted, Coordinator, WorkerFailed
+from system.nn.layers import build_segment
+from system.progress import Progress
+from system.rundir import RunDir, save_params
+from system.workload import Workload, accuracy, prepare
+
+EXIT_OK, EXIT_FAILED, EXIT_ABORTED = 0, 1, 130
+STATE_UPDATE_INTERVAL_S = 0.5
+
+
+def evaluate(params, config: TrainConfig, workload: Workload) -> float:
+    indices = workload.eval_indices
+    if len(indices) == 0:
+        return float("nan")
+    segment = build_segment(params, 0, config.num_layers, config.num_layers)
+    return accuracy(segment.forward(-1, workload.x[indices], keep=False), workload.y[indices])
+
+
+def resume_point(run: RunDir, config: TrainConfig) -> checkpoint.Manifest | None:
+    """The newest intact checkpoint (damaged ones are reported and skipped)."""
+    manifest, refused = checkpoint.find_intact(run.checkpoints)
+    for reason in refused:
+        print(f"pipetrain: refusing checkpoint: {reason}", file=sys.stderr)
+    if manifest is not None:
+        differing = checkpoint.config_differences(manifest, config.math_config())
+        if differing:
+            raise ConfigError(
+                f"{manifest.path}: written with a different config (differing keys: "
+                f"{', '.join(differing)}); resume with the same values or use a new --run-dir"
+            )
+    return manifest
+
+
+class TrainingRun:
+    def __init__(self, config: TrainConfig, run: RunDir, signals: SignalControl,
+                 workload: Workload, progress: Progress) -> None:
+        self.config = config
+        self.run = run
+        self.signals = signals
+        self.workload = workload
+        self.progress = progress
+        self.coordinator = Coordinator(config, run, signals)
+        self.last_checkpoint_step: int | None = None
+        self.step = 0
+        self._state_written = 0.0
+        self._rate_window = (time.monotonic(), 0)
+
+    # -- boundaries --------------------------------------------------------------------------
+
+    def write_checkpoint(self, step: int) -> None:
+        if self.last_checkpoint_step == step:
+            return
+        epoch = step // self.workload.steps_per_epoch
+        path = self.coordinator.checkpoint(step, epoch)
+        checkpoint.prune(self.run.checkpoints, self.config.keep_checkpoints)
+        self.last_checkpoint_step = step
+        relative = str(path.relative_to(self.run.path))
+        self.run.emit("checkpoint", step=step, epoch=epoch, path=relative)
+        self.run.update_state(last_checkpoint=relative)
+
+    def wait_while_paused(self, step: int) -> None:
+        requests = self.signals.requests
+        self.run.emit("paused", step=step)
+        self.run.update_state(state="paused", step=step)
+        self.progress.message(f"paused at step {step} (SIGCONT or `pipetrain resume` to go on)")
+        poller = select.poll()
+        poller.register(self.signals.fileno(), select.POLLIN)
+        by_fd = {w.control.fileno(): w for w in self.coordinator.workers}
+        for fd in by_fd:
+            poller.register(fd, select.POLLIN)
+        while requests.paused and not requests.stop:
+            for fd, _ in poller.poll():
+                if fd in by_fd:  # a worker spoke or died while idle: either way, a failure
+                    message = self.coordinator.receive(by_fd[fd])
+                    raise WorkerFailed(f"{by_fd[fd].role} sent {message.get('event')} while "
+                                       "paused")
+                self.coordinator.check_signals()
+        requests.paused = False
+        self.run.emit("resumed", step=step)
+        self.run.update_state(state="running")
+        self.progress.message(f"resumed at step {step}")
+
+    def at_boundary(self, step: int) -> bool:
+        """Act on pending requests; True when the run should stop here."""
+        self.coordinator.check_signals()
+        requests = self.signals.requests
+        if requests.paused and not requests.stop:
+            self.wait_while_paused(step)
+        if requests.checkpoint:
+            requests.checkpoint = False
+            self.write_checkpoint(step)
+        epoch_done = step > 0 and step % self.workload.steps_per_epoch == 0
+        if requests.stop or (requests.epoch_stop and epoch_done):
+            self.write_checkpoint(step)
+            reason = "signal" if requests.stop else "epoch_stop"
+            self.run.emit("stop", step=step, reason=reason)
+            return True
+        return False
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def train(self, start_step: int) -> str:
+        config, workload, run = self.config, self.workload, self.run
+        steps_per_epoch, total = workload.steps_per_epoch, workload.total_steps
+        step = start_step
+        while True:
+            if self.at_boundary(step):
+                return "stopped"
+            if step == total:
+                return "done"
+            step += 1
+            self.step = step
+            epoch = (step - 1) // steps_per_epoch
+            loss, digest, _ = self.coordinator.step(step)
+            run.emit("step", epoch=epoch, step=step, loss=loss, grad_digest=digest)
+            self.progress.step(step, epoch, loss)
+            self._note_progress(step, epoch, loss)
+            if step % steps_per_epoch == 0:
+                run.emit("epoch_end", epoch=epoch, step=step, loss=loss)
+                acc = evaluate(self.coordinator.gather_params(), config, workload)
+                run.emit("evaluate", epoch=epoch, step=step, accuracy=acc)
+                self.progress.epoch(epoch, loss, acc)
+                run.update_state(epoch=epoch + 1, accuracy=acc, durable=False)
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
+                self.write_checkpoint(step)
+
+    def _note_progress(self, step: int, epoch: int, loss: float) -> None:
+        now = time.monotonic()
+        last = step == self.workload.total_steps
+        if now - self._state_written < STATE_UPDATE_INTERVAL_S and not last:
+            return
+        started, first_step = self._rate_window
+        rate = None
+        if first_step:
+            rate = (step - first_step) * self.config.batch_size / (now - started)
+        self._rate_window = (now, step)
+        self._state_written = now
+        self.run.update_state(step=step, epoch=epoch, last_loss=loss, samples_per_s=rate,
+                              durable=False)
+
+
+def run_training(config: TrainConfig, run_dir: Path, *, quiet: bool = False,
+                 resume: bool = False) -> int:
+    workload = prepare(config)
+    progress = Progress(workload.total_steps, quiet=quiet)
+    with RunDir(run_dir) as run, signal_control() as signals:
+        checkpoint.remove_stale_temporaries(run.checkpoints)
+        manifest = resume_point(run, config) if resume else None
+        start_step = manifest.step if manifest else 0
+        training = TrainingRun(config, run, signals, workload, progress)
+        coordinator = training.coordinator
+        run.update_state(
+            command="train", state="starting", config=config.to_json(),
+            config_digest=config.math_digest(), coordinator_pid=os.getpid(), worker_pids=[],
+            step=start_step, epoch=start_step // workload.steps_per_epoch,
+            total_steps=workload.total_steps, segments=[list(b) for b in coordinator.bounds],
+        )
+        try:
+            coordinator.start(resume_from=manifest.path if manifest else None)
+            run.update_state(state="running", worker_pids=coordinator.pids)
+            if not (run.path / "initial.npz").exists():
+                save_params(run.path / "initial.npz", coordinator.gather_params())
+            run.emit("run_start", command="train", total_steps=workload.total_steps,
+                     from_step=start_step, config=config.to_json(),
+                     segments=[list(b) for b in coordinator.bounds])
+            if manifest is not None:
+                training.last_checkpoint_step = manifest.step
+            training.step = start_step
+            outcome = training.train(start_step)
+            if outcome == "done":
+                save_params(run.path / "final.npz", coordinator.gather_params())
+            run.emit("run_end", status=outcome, step=training.step)
+            run.update_state(state=outcome, step=training.step)
+            progress.message(f"run {outcome}")
+            return EXIT_OK
+        except WorkerFailed as exc:
+            message = f"run failed: {exc}"
+            run.emit("error", message=message)
+            run.emit("run_end", status="failed")
+            run.update_state(state="failed", error=message)
+            print(f"pipetrain: {message}", file=sys.stderr)
+            return EXIT_FAILED
+        except Aborted:
+            run.emit("run_end", status="aborted")
+            run.update_state(state="aborted")
+            print("pipetrain: aborted (second interrupt); no checkpoint written", file=sys.stderr)
+            return EXIT_ABORTED
+        finally:
+            coordinator.shutdown()
