@@ -26,6 +26,7 @@ import select
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ class WorkerHandle:
     log_path: Path
     returncode: int | None = None
     last_error: str | None = field(default=None)
+    last_seen: float = field(default_factory=time.monotonic)
 
     @property
     def role(self) -> str:
@@ -92,6 +94,7 @@ class Coordinator:
         schedule = build_schedule(config.schedule, config.stages, config.microbatches)
         validate_schedule(schedule, config.stages, config.microbatches)
         self.workers: list[WorkerHandle] = []
+        self.generation = 0  # how many worker groups were started: 0 first, then restarts
         self.op_timeout_s = max(60.0, 10 * config.heartbeat_timeout)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -122,6 +125,7 @@ class Coordinator:
                     os.close(read_fd)
                     os.close(write_fd)
         self.collect("ready")
+        self.generation += 1
 
     def _spawn(self, index: int, layers: tuple[int, int], fds: dict[str, int],
                env: dict[str, str], resume_from: Path | None) -> WorkerHandle:
@@ -145,16 +149,27 @@ class Coordinator:
             "num_stages": self.config.stages, "layers": list(layers), "fds": fds,
             "op_timeout_s": self.op_timeout_s,
             "resume_from": str(resume_from) if resume_from else None,
+            "generation": self.generation,
+            "heartbeat_interval_s": min(1.0, self.config.heartbeat_timeout / 5),
+            "heartbeat_timeout_s": self.config.heartbeat_timeout,
         })
         return handle
 
-    def shutdown(self) -> None:
-        """Stop every worker (politely, then SIGKILL), reap it and close its pipes."""
+    def shutdown(self, *, graceful: bool = True) -> list[WorkerHandle]:
+        """Stop every worker, reap it and close its pipes; returns the handles, now exited.
+
+        Graceful: a ``stop`` command, then SIGKILL after a grace period. Not graceful (after a
+        failure, when nothing in the group can be trusted): SIGKILL at once, which is also what
+        makes a restart fast.
+        """
         for worker in self.workers:
             if worker.process.poll() is None:
-                with contextlib.suppress(ChannelClosed, ChannelTimeout, ProtocolError, OSError):
-                    self.send(worker, {"cmd": "stop"})
-        deadline = time.monotonic() + STOP_GRACE_S
+                if graceful:
+                    with contextlib.suppress(ChannelClosed, ChannelTimeout, ProtocolError, OSError):
+                        self.send(worker, {"cmd": "stop"})
+                else:
+                    worker.process.kill()
+        deadline = time.monotonic() + (STOP_GRACE_S if graceful else 0)
         for worker in self.workers:
             try:
                 worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
@@ -163,7 +178,8 @@ class Coordinator:
                 worker.process.wait()
             worker.returncode = worker.process.returncode
             worker.control.close()
-        self.workers.clear()
+        stopped, self.workers = self.workers, []
+        return stopped
 
     @property
     def pids(self) -> list[int]:
@@ -185,29 +201,58 @@ class Coordinator:
     def collect(self, event: str) -> list[dict[str, Any]]:
         """Wait for ``event`` from every worker, failing fast if any dies or reports an error."""
         replies: dict[int, dict[str, Any]] = {}
+
+        def handle(worker: WorkerHandle, message: dict[str, Any]) -> None:
+            if message.get("event") != event or worker.index in replies:
+                raise self._failure(worker, f"expected {event}, got {message.get('event')}")
+            replies[worker.index] = message
+
+        self.pump(handle, lambda: len(replies) == len(self.workers))
+        return [replies[index] for index in range(len(self.workers))]
+
+    def pump(self, handle: Callable[[WorkerHandle, dict[str, Any]], None],
+             done: Callable[[], bool]) -> None:
+        """Wait in ``poll`` on every control pipe and the signal pipe until ``done()``.
+
+        Heartbeats are absorbed here; an error report, an end-of-file (the worker died) or a
+        worker silent for longer than the heartbeat timeout raises :class:`WorkerFailed`; a
+        second SIGINT raises :class:`Aborted`. Other messages go to ``handle``.
+        """
         by_fd = {worker.control.fileno(): worker for worker in self.workers}
         poller = select.poll()
         for fd in by_fd:
             poller.register(fd, select.POLLIN)
         if self.signals is not None:
             poller.register(self.signals.fileno(), select.POLLIN)
-        while len(replies) < len(self.workers):
-            for fd, _ in poller.poll():
+        while not done():
+            self._check_heartbeats()
+            for fd, _ in poller.poll(self._heartbeat_poll_ms()):
                 if fd not in by_fd:
                     self.check_signals()
                     continue
                 worker = by_fd[fd]
                 message = self.receive(worker)
-                if message.get("event") == "error":
+                kind = message.get("event")
+                if kind == "heartbeat":
+                    continue
+                if kind == "error":
                     worker.last_error = message.get("message")
                     raise self._failure(worker, worker.last_error or "unknown error")
-                if message.get("event") != event:
-                    raise self._failure(worker, f"expected {event}, got {message.get('event')}")
-                replies[worker.index] = message
-                if len(replies) == len(self.workers):
-                    break
-                poller.unregister(fd)
-        return [replies[index] for index in range(len(self.workers))]
+                handle(worker, message)
+
+    def _heartbeat_poll_ms(self) -> int:
+        oldest = min((worker.last_seen for worker in self.workers), default=time.monotonic())
+        remaining = oldest + self.config.heartbeat_timeout - time.monotonic()
+        return max(10, int(remaining * 1000) + 10)
+
+    def _check_heartbeats(self) -> None:
+        now = time.monotonic()
+        for worker in self.workers:
+            silent_s = now - worker.last_seen
+            if silent_s > self.config.heartbeat_timeout:
+                raise self._failure(
+                    worker, f"no heartbeat for {silent_s:.1f}s (hung or frozen; "
+                    f"--heartbeat-timeout is {self.config.heartbeat_timeout}s)")
 
     def check_signals(self) -> None:
         """Fold pending signals into requests; a second SIGINT aborts right away."""
@@ -221,6 +266,7 @@ class Coordinator:
             raise self._failure(worker, "exited without a word") from None
         except (ChannelTimeout, ProtocolError) as exc:
             raise self._failure(worker, str(exc)) from exc
+        worker.last_seen = time.monotonic()
         if frame.kind != Kind.CONTROL:
             raise self._failure(worker, f"sent a frame of kind {frame.kind} out of turn")
         return decode_json(frame.array)
@@ -250,12 +296,20 @@ class Coordinator:
     def gather_params(self) -> dict[str, np.ndarray]:
         self.broadcast({"cmd": "params"})
         params: dict[str, np.ndarray] = {}
-        for worker, header in zip(self.workers, self.collect("params"), strict=True):
+        answered: set[int] = set()
+
+        def handle(worker: WorkerHandle, header: dict[str, Any]) -> None:
+            if header.get("event") != "params" or worker.index in answered:
+                raise self._failure(worker, f"expected params, got {header.get('event')}")
+            # The worker sends its parameter frames right behind the header, under one lock.
             for position, name in enumerate(header["names"]):
                 frame = worker.control.recv_frame(timeout_s=self.op_timeout_s)
                 if frame.kind != Kind.PARAMETER or frame.microbatch != position:
                     raise self._failure(worker, f"bad parameter frame for {name}")
                 params[name] = frame.array
+            answered.add(worker.index)
+
+        self.pump(handle, lambda: len(answered) == len(self.workers))
         return {name: params[name] for name in parameter_names(self.config.num_layers)}
 
     def checkpoint(self, step: int, epoch: int) -> Path:

@@ -28,12 +28,16 @@ def step_delay() -> None:
         time.sleep(delay)
 
 
-def stage_fault(stage: int) -> dict[str, Any] | None:
+def stage_fault(stage: int, generation: int = 0) -> dict[str, Any] | None:
+    """The fault planned for this stage in this worker generation (restarts count up from 0),
+    so a fault fires once and the restarted group runs clean unless the plan says otherwise."""
     text = os.environ.get(ENV)
     if not text:
         return None
     fault = json.loads(text)
-    return fault if fault.get("stage") == stage else None
+    if fault.get("stage") != stage or fault.get("generation", 0) != generation:
+        return None
+    return fault
 
 
 def trigger(fault: dict[str, Any], where: str) -> None:

@@ -62,6 +62,8 @@ class TrainingRun:
         self.coordinator = Coordinator(config, run, signals)
         self.last_checkpoint_step: int | None = None
         self.step = 0
+        self.restarts = 0
+        self.pending_restart: dict | None = None
         self._state_written = 0.0
         self._rate_window = (time.monotonic(), 0)
 
@@ -117,6 +119,55 @@ class TrainingRun:
             return True
         return False
 
+    # -- failures ----------------------------------------------------------------------------
+
+    def supervise(self, start_step: int, resume_from: Path | None) -> str:
+        """Train, restarting the whole worker group after a failure, up to max_restarts."""
+        step = start_step
+        while True:
+            try:
+                self.coordinator.start(resume_from=resume_from)
+                self.run.update_state(state="running", worker_pids=self.coordinator.pids)
+                if not (self.run.path / "initial.npz").exists():
+                    save_params(self.run.path / "initial.npz", self.coordinator.gather_params())
+                if self.restarts == 0:
+                    self.run.emit("run_start", command="train",
+                                  total_steps=self.workload.total_steps, from_step=step,
+                                  config=self.config.to_json(),
+                                  segments=[list(b) for b in self.coordinator.bounds])
+                return self.train(step)
+            except WorkerFailed as exc:
+                failed_at = time.monotonic()
+                self.report_exits(self.coordinator.shutdown(graceful=False))
+                if self.restarts >= self.config.max_restarts:
+                    raise WorkerFailed(
+                        f"{exc} (after {self.restarts} restart(s); --max-restarts is "
+                        f"{self.config.max_restarts})") from exc
+                self.restarts += 1
+                manifest, refused = checkpoint.find_intact(self.run.checkpoints)
+                for reason in refused:
+                    print(f"pipetrain: refusing checkpoint: {reason}", file=sys.stderr)
+                step = manifest.step if manifest else 0
+                resume_from = manifest.path if manifest else None
+                self.last_checkpoint_step = step if manifest else None
+                self.run.update_state(state="recovering", restarts=self.restarts)
+                self.progress.message(f"{exc}; restarting from step {step} "
+                                      f"(restart {self.restarts} of {self.config.max_restarts})")
+                self.pending_restart = {"from_step": step, "cause": str(exc),
+                                        "restart": self.restarts, "failed_at": failed_at}
+
+    def report_exits(self, workers) -> None:
+        for worker in workers:
+            self.run.emit("worker_exit", pid=worker.process.pid, role=worker.role,
+                          returncode=worker.returncode, error=worker.last_error)
+
+    def report_recovery(self) -> None:
+        """The ``restart`` event, once the new group has completed its first step: the recovery
+        time it reports runs from the failure being seen to that first step done."""
+        pending, self.pending_restart = self.pending_restart, None
+        recovery_s = time.monotonic() - pending.pop("failed_at")
+        self.run.emit("restart", recovery_s=round(recovery_s, 6), **pending)
+
     # -- the loop ----------------------------------------------------------------------------
 
     def train(self, start_step: int) -> str:
@@ -132,6 +183,8 @@ class TrainingRun:
             self.step = step
             epoch = (step - 1) // steps_per_epoch
             loss, digest, _ = self.coordinator.step(step)
+            if self.pending_restart is not None:
+                self.report_recovery()
             run.emit("step", epoch=epoch, step=step, loss=loss, grad_digest=digest)
             self.progress.step(step, epoch, loss)
             self._note_progress(step, epoch, loss)
@@ -176,17 +229,10 @@ def run_training(config: TrainConfig, run_dir: Path, *, quiet: bool = False,
             total_steps=workload.total_steps, segments=[list(b) for b in coordinator.bounds],
         )
         try:
-            coordinator.start(resume_from=manifest.path if manifest else None)
-            run.update_state(state="running", worker_pids=coordinator.pids)
-            if not (run.path / "initial.npz").exists():
-                save_params(run.path / "initial.npz", coordinator.gather_params())
-            run.emit("run_start", command="train", total_steps=workload.total_steps,
-                     from_step=start_step, config=config.to_json(),
-                     segments=[list(b) for b in coordinator.bounds])
             if manifest is not None:
                 training.last_checkpoint_step = manifest.step
             training.step = start_step
-            outcome = training.train(start_step)
+            outcome = training.supervise(start_step, manifest.path if manifest else None)
             if outcome == "done":
                 save_params(run.path / "final.npz", coordinator.gather_params())
             run.emit("run_end", status=outcome, step=training.step)
@@ -206,4 +252,4 @@ def run_training(config: TrainConfig, run_dir: Path, *, quiet: bool = False,
             print("pipetrain: aborted (second interrupt); no checkpoint written", file=sys.stderr)
             return EXIT_ABORTED
         finally:
-            coordinator.shutdown()
+            training.report_exits(coordinator.shutdown())

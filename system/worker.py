@@ -32,7 +32,7 @@ from typing import Any
 
 from system import checkpoint, testhooks
 from system.config import build_config
-from system.inbox import Inbox, InboxFailure, Receivers
+from system.inbox import CONTROL_SIGNALS, Inbox, InboxFailure, Receivers
 from system.protocol import Kind, ProtocolError, decode_json, encode_json
 from system.schedule import build as build_schedule
 from system.stage import DOWNSTREAM, UPSTREAM, Stage
@@ -60,6 +60,9 @@ class Worker:
         self.control_lock = threading.Lock()  # the main thread and the heartbeat thread reply
         self.inbox = Inbox()
         self.terminate = False
+        self.last_alive = time.monotonic()
+        self.stopping = threading.Event()  # ends the heartbeat thread
+        self.heartbeat_thread: threading.Thread | None = None
         self.channels: dict[str, PipeChannel] = {}
         self.receivers: Receivers | None = None
         self.stage: Stage | None = None
@@ -71,8 +74,25 @@ class Worker:
         with self.control_lock:
             self.control.send_frame(Kind.CONTROL, 0, 0, encode_json(message))
 
+    def alive(self) -> bool:
+        """Called by the main thread whenever it makes progress or wakes from a wait: the
+        heartbeat thread beats only while this stays fresh, so a stuck main thread goes silent.
+        Returns whether to stop waiting (SIGTERM)."""
+        self.last_alive = time.monotonic()
+        return self.terminate
+
+    def _heartbeat(self, interval_s: float, timeout_s: float) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
+        while not self.stopping.wait(interval_s):
+            if time.monotonic() - self.last_alive > timeout_s:
+                continue  # the main thread is stuck: let the coordinator notice the silence
+            try:
+                self.reply({"event": "heartbeat"})
+            except Exception:  # noqa: BLE001 - the coordinator is gone; the main thread will see
+                return
+
     def next_command(self) -> dict[str, Any]:
-        frame = self.inbox.get(CONTROL, interrupted=lambda: self.terminate)
+        frame = self.inbox.get(CONTROL, interrupted=self.alive)
         if frame.kind != Kind.CONTROL:
             raise ProtocolError(f"{self.name}: expected a control frame, got kind {frame.kind}")
         return decode_json(frame.array)
@@ -102,7 +122,7 @@ class Worker:
                 fds["down_in"], fds["down_out"], name="downstream"
             )
             self.receivers.start(DOWNSTREAM, self.channels[DOWNSTREAM])
-        self.fault = testhooks.stage_fault(index)
+        self.fault = testhooks.stage_fault(index, message.get("generation", 0))
         if message.get("resume_from"):
             manifest = checkpoint.verify(Path(message["resume_from"]))
             self.stage.load_state(*checkpoint.load_state(manifest, self.stage.names))
@@ -123,7 +143,7 @@ class Worker:
             received = None
             if source is not None:
                 wait_start = time.perf_counter()
-                frame = self.inbox.get(source, interrupted=lambda: self.terminate)
+                frame = self.inbox.get(source, interrupted=self.alive)
                 waited += time.perf_counter() - wait_start
                 expected = Kind.ACTIVATION if source == UPSTREAM else Kind.GRADIENT
                 if (frame.kind, frame.step, frame.microbatch) != (
@@ -135,6 +155,7 @@ class Worker:
                         f"step {frame.step} micro-batch {frame.microbatch}"
                     )
                 received = frame.array
+            self.alive()
             outgoing = stage.execute(action, received)
             if outgoing is not None:
                 self.channels[outgoing.direction].send_frame(
@@ -155,8 +176,9 @@ class Worker:
         stage = self.stage
         assert stage is not None
         names = stage.names
-        self.reply({"event": "params", "names": names})
-        with self.control_lock:
+        with self.control_lock:  # header and frames back to back: no heartbeat in between
+            self.control.send_frame(Kind.CONTROL, 0, 0,
+                                    encode_json({"event": "params", "names": names}))
             for position, name in enumerate(names):
                 self.control.send_frame(Kind.PARAMETER, 0, position, stage.params[name])
 
@@ -176,6 +198,11 @@ class Worker:
             if message.get("cmd") != "init":
                 raise ProtocolError(f"first control message must be init, got {message}")
             self.init(message)
+            self.heartbeat_thread = threading.Thread(
+                target=self._heartbeat, name="heartbeat",
+                args=(message["heartbeat_interval_s"], message["heartbeat_timeout_s"]),
+            )
+            self.heartbeat_thread.start()
             self.reply({"event": "ready", "pid": os.getpid()})
             while True:
                 message = self.next_command()
@@ -209,6 +236,9 @@ class Worker:
             self.reply({"event": "error", "message": message, "traceback": trace})
 
     def shutdown(self) -> None:
+        self.stopping.set()
+        if self.heartbeat_thread is not None:
+            self.heartbeat_thread.join()
         for receivers in (self.receivers, getattr(self, "receivers_control", None)):
             if receivers is not None:
                 receivers.stop()

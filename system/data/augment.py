@@ -34,16 +34,6 @@ def _check(x: np.ndarray, sample_indices: np.ndarray, name: str) -> None:
         raise ValueError(f"{name}: expected floating-point samples, got {x.dtype}")
 
 
-def _shift(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """Move every pixel by (dy, dx); pixels moved in from outside are zero."""
-    out = np.zeros_like(image)
-    h, w = image.shape
-    out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = image[
-        max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
-    ]
-    return out
-
-
 def augment_digits(
     x: np.ndarray, sample_indices: np.ndarray, seed: int, epoch: int
 ) -> np.ndarray:
@@ -54,14 +44,23 @@ def augment_digits(
             f"augment_digits: expected 8x8 images (64 features), got {x.shape[1]} features "
             "(use the 'noise' augmentation for other data)"
         )
-    images = x.reshape(-1, DIGIT_SIDE, DIGIT_SIDE)
-    out = np.empty(images.shape, dtype=np.float64)
+    n, side, pad = len(x), DIGIT_SIDE, MAX_SHIFT_PX
+    moves = np.empty((n, 2), dtype=np.int64)
+    noise = np.empty((n, side, side), dtype=np.float64)
     for row, sample_index in enumerate(sample_indices):
         rng = _sample_rng(seed, epoch, sample_index)
-        # Draw order is part of the contract: the shift first, then the noise.
-        dy, dx = rng.integers(-MAX_SHIFT_PX, MAX_SHIFT_PX + 1, size=2)
-        noise = rng.normal(0.0, DIGIT_NOISE_STD, size=(DIGIT_SIDE, DIGIT_SIDE))
-        out[row] = _shift(images[row], int(dy), int(dx)) + noise
+        # Draw order is part of the contract: one draw for the (dy, dx) shift, then the noise.
+        moves[row] = divmod(int(rng.integers(0, (2 * pad + 1) ** 2)), 2 * pad + 1)
+        noise[row] = rng.normal(0.0, DIGIT_NOISE_STD, size=(side, side))
+    moves -= pad
+    # Shift all images in one gather: output pixel (r, c) is input pixel (r - dy, c - dx),
+    # read from a zero-padded copy so pixels moved in from outside are zero.
+    padded = np.zeros((n, side + 2 * pad, side + 2 * pad), dtype=np.float64)
+    padded[:, pad : pad + side, pad : pad + side] = x.reshape(n, side, side)
+    pixels = np.arange(side)
+    rows = pixels[None, :, None] + pad - moves[:, 0, None, None]
+    cols = pixels[None, None, :] + pad - moves[:, 1, None, None]
+    out = padded[np.arange(n)[:, None, None], rows, cols] + noise
     np.clip(out, 0.0, 1.0, out=out)
     return out.reshape(x.shape).astype(x.dtype, copy=False)
 

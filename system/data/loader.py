@@ -2,12 +2,13 @@
 
 Items are numbered in sampler order: item ``k`` is step ``first + k // M``, micro-batch ``k % M``.
 
-    loader-0 ─┐ take a slot ─ claim the next k ─ gather, augment, cast ─┐
-    loader-1 ─┤ (Semaphore:   (under the lock)                          │ ready[k] = MicroBatch
-    loader-N ─┘  <= prefetch)                                           v
-                                  reorder buffer {k: MicroBatch}   (Condition)
-                                                                        │ strictly k = 0, 1, 2, ...
-                                     main thread: get(step, mb) ────────┘ frees the slot
+    loader-0 ─┐ 1. take a slot   (Semaphore: at most `prefetch` items in flight)
+    loader-1 ─┤ 2. claim next k  (under the Condition's lock)
+    loader-N ─┘ 3. gather, augment, cast; ready[k] = MicroBatch
+                        │
+                        v
+    reorder buffer {k: MicroBatch} ──> main thread: get(step, mb) takes strictly
+                                       k = 0, 1, 2, ... and frees the slot
 
 Why a reorder buffer and not a ``queue.Queue``: a queue hands items out in completion order,
 which depends on thread timing; keyed by item number, the order depends on the sampler only. The
@@ -18,7 +19,9 @@ first failure in any thread stops the others and is raised by ``get()``. Waits n
 wait is woken by whoever changes what it waits for, ``stop()`` included.
 
 What an item holds is computed by the pure :func:`prepare_microbatch`, which the single-process
-reference can call directly: the bits do not depend on which thread ran it.
+reference can call directly: the bits do not depend on which thread ran it. Threads overlap
+loading with compute only where numpy releases the GIL (copies, large arrays); the per-sample
+generators of the augmentation are GIL-bound, so one or two threads are enough.
 """
 
 from __future__ import annotations

@@ -77,7 +77,8 @@ def test_exception_in_a_stage_fails_the_run_cleanly(tmp_path, stage):
     run_dir = tmp_path / "train"
     fault = f'{{"stage": {stage}, "step": 3, "kind": "raise"}}'
     started = time.monotonic()
-    result = run_cli("train", "--run-dir", str(run_dir), *SMALL, timeout=60,
+    result = run_cli("train", "--run-dir", str(run_dir), *SMALL, "--max-restarts", "0",
+                     timeout=60,
                      env=cli_env(PIPETRAIN_TEST_FAULT=fault))
     elapsed = time.monotonic() - started
     assert result.returncode == 1, result.stderr
@@ -90,7 +91,8 @@ def test_exception_in_a_stage_fails_the_run_cleanly(tmp_path, stage):
 
 def test_worker_that_dies_silently_is_named(tmp_path):
     run_dir = tmp_path / "train"
-    result = run_cli("train", "--run-dir", str(run_dir), *SMALL, timeout=60,
+    result = run_cli("train", "--run-dir", str(run_dir), *SMALL, "--max-restarts", "0",
+                     timeout=60,
                      env=cli_env(PIPETRAIN_TEST_FAULT='{"stage": 1, "step": 2, "kind": "exit"}'))
     assert result.returncode == 1
     assert "stage 1" in result.stderr and "exit status 3" in result.stderr, result.stderr
