@@ -103,7 +103,10 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         if value is not None:
             values[key] = value
     if args.command == "reference":
-        values["stages"] = 1  # one process by definition; a config's stage count is moot here
+        stages = values.get("stages", 1)
+        if not isinstance(stages, int) or stages < 1:
+            raise ConfigError(f"{source}: stages: must be >= 1, got {stages!r}")
+        values["stages"] = 1  # one process by definition; the run's stage count is moot here
     return build_config(values, source=source)
 
 

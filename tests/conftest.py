@@ -3,6 +3,7 @@ no shared-memory segment, the signal handlers it started with, no stray thread."
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -20,10 +21,8 @@ WATCHED_SIGNALS = (
 def open_fds() -> dict[int, str]:
     fds = {}
     for name in os.listdir("/proc/self/fd"):
-        try:
+        with contextlib.suppress(OSError):  # the fd listdir itself used, already closed
             fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            pass  # the fd listdir itself used, already closed
     return fds
 
 
@@ -62,10 +61,8 @@ def no_leaks():
               if fd not in fds_before or fds_before[fd] != target}
     for fd, target in sorted(leaked.items()):
         problems.append(f"fd {fd} left open: {target}")
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
     new_shm = shm_entries() - shm_before
     if new_shm:
         problems.append(f"shared memory left behind: {sorted(new_shm)}")

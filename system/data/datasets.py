@@ -70,7 +70,10 @@ def _load_csv(path: Path) -> Dataset:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
     reader = csv.reader(io.StringIO(text))
     header = next(reader, None)
     if header is None or not any(cell.strip() for cell in header):
@@ -129,8 +132,10 @@ def _parse_label(path: Path, line: int, cell: str) -> int:
 def _load_npz(path: Path) -> Dataset:
     try:
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{path}: not a readable .npz archive ({exc})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: not a readable .npz archive ({exc or 'empty file'})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(f"{path}: holds a single array, not an .npz archive with 'x' and 'y'")
     with archive:
         missing = [key for key in ("x", "y") if key not in archive.files]
         if missing:
@@ -151,11 +156,18 @@ def _load_npz(path: Path) -> Dataset:
     if bad.size:
         raise DataError(f"{path}: 'x' row {bad[0]} has a NaN or infinite value")
     if np.issubdtype(y.dtype, np.floating):
+        huge = np.flatnonzero(~np.isfinite(y) | (np.abs(y) >= 2**31))
+        if huge.size:
+            raise DataError(
+                f"{path}: label y[{huge[0]}] = {y[huge[0]]} is not an integer class index"
+            )
         frac = np.flatnonzero(y != np.round(y))
         if frac.size:
             raise DataError(f"{path}: label y[{frac[0]}] = {y[frac[0]]} is not an integer")
     elif not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{path}: 'y' must hold integer labels, got {y.dtype}")
+    elif y.size and np.abs(y.astype(np.float64)).max() >= 2**31:
+        raise DataError(f"{path}: a label in 'y' is too large to be a class index")
     if (y < 0).any():
         raise DataError(f"{path}: label y[{np.flatnonzero(y < 0)[0]}] is negative")
     return Dataset(str(path), x.astype(np.float64), y.astype(np.int64))

@@ -7,7 +7,12 @@ import time
 import pytest
 
 from tests.helpers import (
-    assert_bitwise_equal, assert_no_survivors, assert_same_steps, cli_env, load_params, run_cli,
+    assert_bitwise_equal,
+    assert_no_survivors,
+    assert_same_steps,
+    cli_env,
+    load_params,
+    run_cli,
     run_state,
 )
 
