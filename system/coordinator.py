@@ -99,7 +99,7 @@ class Coordinator:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def start(self, resume_from: Path | None = None) -> None:
+    def start(self, resume_from: Path | None = None, start_step: int = 0) -> None:
         """Spawn every stage with only its own fds, send each its init, wait until all ready.
 
         With ``resume_from`` (a verified checkpoint directory) every stage loads its parameters
@@ -118,7 +118,9 @@ class Coordinator:
                 if index < num_stages - 1:
                     (_, act_w), (grad_r, _) = links[index]
                     fds.update(down_in=grad_r, down_out=act_w)
-                self.workers.append(self._spawn(index, layers, fds, env, resume_from))
+                self.workers.append(
+                    self._spawn(index, layers, fds, env, resume_from, start_step)
+                )
         finally:
             for pair in links:  # the children hold their ends now; ours would hide EOFs
                 for read_fd, write_fd in pair:
@@ -128,7 +130,8 @@ class Coordinator:
         self.generation += 1
 
     def _spawn(self, index: int, layers: tuple[int, int], fds: dict[str, int],
-               env: dict[str, str], resume_from: Path | None) -> WorkerHandle:
+               env: dict[str, str], resume_from: Path | None,
+               start_step: int) -> WorkerHandle:
         to_child_r, to_child_w = open_pipe()
         from_child_r, from_child_w = open_pipe()
         log_path = self.run.path / "logs" / f"stage-{index}.log"
@@ -150,6 +153,7 @@ class Coordinator:
             "op_timeout_s": self.op_timeout_s,
             "resume_from": str(resume_from) if resume_from else None,
             "generation": self.generation,
+            "start_step": start_step,
             "heartbeat_interval_s": min(1.0, self.config.heartbeat_timeout / 5),
             "heartbeat_timeout_s": self.config.heartbeat_timeout,
         })

@@ -14,30 +14,32 @@ from pathlib import Path
 import numpy as np
 
 from system.config import TrainConfig
-from system.data.sampler import split_batch
+from system.data.loader import prepare_microbatch
 from system.digest import grad_digest
 from system.nn import init_parameters, make_optimizer, parameter_names, softmax_cross_entropy
 from system.nn.layers import build_segment
 from system.progress import Progress
 from system.rundir import RunDir, save_params
-from system.workload import Workload, accuracy, prepare
+from system.workload import Workload, accuracy, augmentation, prepare
 
 
 def train_step(
-    segment, workload: Workload, batch: np.ndarray, replicas: int, microbatches: int
+    segment, workload: Workload, config: TrainConfig, step: int
 ) -> tuple[float, dict[str, np.ndarray]]:
     """One step's loss and summed gradients, in the documented order."""
-    global_batch = len(batch)
     loss = 0.0
     total: dict[str, np.ndarray] | None = None
-    for share in split_batch(batch, replicas, microbatches):
+    for replica in range(config.replicas):
         segment.zero_grads()
         replica_loss = 0.0
-        for microbatch, indices in enumerate(share):
-            logits = segment.forward(microbatch, workload.x[indices])
-            mb_loss, grad_logits = softmax_cross_entropy(
-                logits, workload.y[indices], global_batch
+        for microbatch in range(config.microbatches):
+            item = prepare_microbatch(
+                workload, step, microbatch, replica=replica, replicas=config.replicas,
+                microbatches=config.microbatches, need_x=True, need_y=True,
+                augment=augmentation(config), seed=config.seed, dtype=np.dtype(config.dtype),
             )
+            logits = segment.forward(microbatch, item.x)
+            mb_loss, grad_logits = softmax_cross_entropy(logits, item.y, config.batch_size)
             replica_loss += mb_loss
             segment.backward(microbatch, grad_logits)
         loss += replica_loss
@@ -77,12 +79,9 @@ def run_reference(config: TrainConfig, run_dir: Path, *, quiet: bool = False) ->
         step = 0
         loss = float("nan")
         for epoch in range(config.epochs):
-            for step_in_epoch in range(workload.steps_per_epoch):
+            for _ in range(workload.steps_per_epoch):
                 step += 1
-                batch = workload.batches.batch(epoch, step_in_epoch)
-                loss, grads = train_step(
-                    segment, workload, batch, config.replicas, config.microbatches
-                )
+                loss, grads = train_step(segment, workload, config, step)
                 digest = grad_digest(grads, names)
                 optimizer.step(grads)
                 run.emit("step", epoch=epoch, step=step, loss=loss, grad_digest=digest)

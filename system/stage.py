@@ -15,17 +15,17 @@ Where a stage's inputs come from:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from system.data.sampler import split_batch
+from system.data.loader import MicroBatch
 from system.digest import array_digest
 from system.nn import init_parameters, make_optimizer, softmax_cross_entropy
 from system.nn.layers import build_segment
 from system.protocol import Kind
 from system.schedule import Action, Op
-from system.workload import Workload
 
 UPSTREAM, DOWNSTREAM = "upstream", "downstream"
 
@@ -41,7 +41,7 @@ class Outgoing:
 class Stage:
     def __init__(
         self, *, config, index: int, num_stages: int, first_layer: int, stop_layer: int,
-        workload: Workload | None, replica: int = 0,
+        source: Callable[[int, int], MicroBatch] | None, replica: int = 0,
     ) -> None:
         self.config = config
         self.index = index
@@ -49,9 +49,10 @@ class Stage:
         self.replica = replica
         self.is_first = index == 0
         self.is_last = index == num_stages - 1
-        if (self.is_first or self.is_last) and workload is None:
-            raise ValueError("the first and last stages need the workload")
-        self.workload = workload
+        if (self.is_first or self.is_last) and source is None:
+            raise ValueError("the first and last stages need a source of micro-batches")
+        # source(step, micro-batch) -> MicroBatch: the loader's get() in a worker process.
+        self.source = source
         sizes = list(config.layers)
         all_params = init_parameters(sizes, config.seed, np.dtype(config.dtype), first_layer,
                                      stop_layer)
@@ -59,8 +60,7 @@ class Stage:
         self.segment = build_segment(all_params, first_layer, stop_layer, config.num_layers)
         self.optimizer = make_optimizer(config.optimizer, self.params, config.lr)
         self.names = list(self.params)
-        self._microbatches: list[np.ndarray] = []
-        self._global_batch = 0
+        self._step = 0
         self._logit_grads: dict[int, np.ndarray] = {}
         self.step_loss = 0.0
 
@@ -71,12 +71,7 @@ class Stage:
         self.segment.zero_grads()
         self.step_loss = 0.0
         self._logit_grads.clear()
-        if self.workload is not None:
-            epoch, in_epoch = self.workload.locate(step)
-            batch = self.workload.batches.batch(epoch, in_epoch)
-            self._global_batch = len(batch)
-            shares = split_batch(batch, self.config.replicas, self.config.microbatches)
-            self._microbatches = shares[self.replica]
+        self._step = step
 
     def needs_input(self, action: Action) -> str | None:
         """Which neighbour's frame ``action`` consumes, or None if it needs none."""
@@ -89,13 +84,14 @@ class Stage:
     def execute(self, action: Action, received: np.ndarray | None) -> Outgoing | None:
         mb = action.microbatch
         if action.op is Op.FORWARD:
+            item = self.source(self._step, mb) if self.is_first or self.is_last else None
             if self.is_first:
-                received = self.workload.x[self._microbatches[mb]]
+                received = item.x
             output = self.segment.forward(mb, received)
             if not self.is_last:
                 return Outgoing(DOWNSTREAM, Kind.ACTIVATION, mb, output)
-            labels = self.workload.y[self._microbatches[mb]]
-            loss, grad = softmax_cross_entropy(output, labels, self._global_batch)
+            # Every step's global batch is full (the last partial batch of an epoch is dropped).
+            loss, grad = softmax_cross_entropy(output, item.y, self.config.batch_size)
             self.step_loss += loss
             self._logit_grads[mb] = grad
             return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import threading
 import time
 from typing import Any
@@ -20,6 +21,29 @@ ENV = "PIPETRAIN_TEST_FAULT"
 # Seconds every stage sleeps before each step: a stand-in for a heavy model, so that tests can
 # signal a run in the middle of its steps without training a big network on 2 cores.
 DELAY_ENV = "PIPETRAIN_TEST_STEP_DELAY_S"
+
+
+LOADER_DELAY_ENV = "PIPETRAIN_TEST_LOADER_DELAY_S"
+
+
+def loader_delay(fault: dict[str, Any] | None = None):
+    """Random sleeps of up to ``PIPETRAIN_TEST_LOADER_DELAY_S`` before each loaded item, so
+    tests can show the delivered data does not depend on the loader threads' timing; with a
+    ``loader_error`` fault, an exception in a loader thread at the fault's step."""
+    limit = float(os.environ.get(LOADER_DELAY_ENV) or 0)
+    fail_step = fault.get("step") if fault and fault.get("kind") == "loader_error" else None
+    if limit <= 0 and fail_step is None:
+        return None
+    rng = random.Random(os.getpid())  # noqa: S311 - timing noise, not security
+    lock = threading.Lock()
+
+    def delay(step: int, microbatch: int) -> float:
+        if step == fail_step:
+            raise OSError(f"injected loader failure at step {step} micro-batch {microbatch}")
+        with lock:
+            return rng.uniform(0, limit) if limit > 0 else 0.0
+
+    return delay
 
 
 def step_delay() -> None:

@@ -26,6 +26,8 @@ from system.workload import Workload, accuracy, prepare
 
 EXIT_OK, EXIT_FAILED, EXIT_ABORTED = 0, 1, 130
 STATE_UPDATE_INTERVAL_S = 0.5
+# Per-stage timings a step event carries, one dict per stage in stage order.
+METRIC_KEYS = ("compute_s", "wait_data_s", "wait_neighbours_s", "loader_depth")
 
 
 def evaluate(params, config: TrainConfig, workload: Workload) -> float:
@@ -126,7 +128,7 @@ class TrainingRun:
         step = start_step
         while True:
             try:
-                self.coordinator.start(resume_from=resume_from)
+                self.coordinator.start(resume_from=resume_from, start_step=step)
                 self.run.update_state(state="running", worker_pids=self.coordinator.pids)
                 if not (self.run.path / "initial.npz").exists():
                     save_params(self.run.path / "initial.npz", self.coordinator.gather_params())
@@ -182,10 +184,13 @@ class TrainingRun:
             step += 1
             self.step = step
             epoch = (step - 1) // steps_per_epoch
-            loss, digest, _ = self.coordinator.step(step)
+            loss, digest, replies = self.coordinator.step(step)
             if self.pending_restart is not None:
                 self.report_recovery()
-            run.emit("step", epoch=epoch, step=step, loss=loss, grad_digest=digest)
+            metrics = [{key: reply[key] for key in METRIC_KEYS if key in reply}
+                       for reply in replies]
+            run.emit("step", epoch=epoch, step=step, loss=loss, grad_digest=digest,
+                     metrics=metrics)
             self.progress.step(step, epoch, loss)
             self._note_progress(step, epoch, loss)
             if step % steps_per_epoch == 0:

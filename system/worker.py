@@ -30,14 +30,17 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from system import checkpoint, testhooks
 from system.config import build_config
+from system.data.loader import Loader, MicroBatch
 from system.inbox import CONTROL_SIGNALS, Inbox, InboxFailure, Receivers
 from system.protocol import Kind, ProtocolError, decode_json, encode_json
 from system.schedule import build as build_schedule
 from system.stage import DOWNSTREAM, UPSTREAM, Stage
 from system.transport import PipeChannel
-from system.workload import prepare
+from system.workload import augmentation, prepare
 
 PR_SET_PDEATHSIG = 1
 CONTROL = "control"
@@ -66,6 +69,8 @@ class Worker:
         self.channels: dict[str, PipeChannel] = {}
         self.receivers: Receivers | None = None
         self.stage: Stage | None = None
+        self.loader: Loader | None = None
+        self._data_wait_total = 0.0
         self.name = f"worker pid {os.getpid()}"
 
     # -- control messages ------------------------------------------------------------------
@@ -104,11 +109,23 @@ class Worker:
         index, num_stages = message["stage"], message["num_stages"]
         self.name = f"stage {index}"
         first, stop = message["layers"]
-        needs_data = index == 0 or index == num_stages - 1
+        self.fault = testhooks.stage_fault(index, message.get("generation", 0))
+        replica = message.get("replica", 0)
+        is_first, is_last = index == 0, index == num_stages - 1
+        if is_first or is_last:
+            workload = prepare(config)
+            self.loader = Loader(
+                workload, replica=replica, replicas=config.replicas,
+                microbatches=config.microbatches, need_x=is_first, need_y=is_last,
+                threads=config.loader_threads, prefetch=config.prefetch,
+                augment=augmentation(config), seed=config.seed, dtype=np.dtype(config.dtype),
+                test_delay_s=testhooks.loader_delay(self.fault),
+            )
+            self.loader.start(message.get("start_step", 0) + 1, workload.total_steps)
         self.stage = Stage(
             config=config, index=index, num_stages=num_stages, first_layer=first,
-            stop_layer=stop, workload=prepare(config) if needs_data else None,
-            replica=message.get("replica", 0),
+            stop_layer=stop, source=self._next_microbatch if self.loader else None,
+            replica=replica,
         )
         self.actions = build_schedule(config.schedule, num_stages, config.microbatches)[index]
         self.op_timeout_s = message.get("op_timeout_s")
@@ -122,12 +139,15 @@ class Worker:
                 fds["down_in"], fds["down_out"], name="downstream"
             )
             self.receivers.start(DOWNSTREAM, self.channels[DOWNSTREAM])
-        self.fault = testhooks.stage_fault(index, message.get("generation", 0))
         if message.get("resume_from"):
             manifest = checkpoint.verify(Path(message["resume_from"]))
             self.stage.load_state(*checkpoint.load_state(manifest, self.stage.names))
 
     # -- commands ----------------------------------------------------------------------------
+
+    def _next_microbatch(self, step: int, microbatch: int) -> MicroBatch:
+        self.alive()
+        return self.loader.get(step, microbatch)
 
     def run_step(self, step: int) -> None:
         stage = self.stage
@@ -167,9 +187,16 @@ class Worker:
             digests = testhooks.perturb(stage, digests)
         stage.apply_update()
         elapsed = time.perf_counter() - started
+        metrics = {"compute_s": elapsed - waited, "wait_neighbours_s": waited}
+        if self.loader is not None:
+            stats = self.loader.stats()
+            data_wait = stats["consumer_wait_s"] - self._data_wait_total
+            self._data_wait_total = stats["consumer_wait_s"]
+            metrics.update(wait_data_s=data_wait, loader_depth=stats["queue_depth"])
+            metrics["compute_s"] -= data_wait
         self.reply({
             "event": "step_done", "step": step, "loss": stage.step_loss if stage.is_last else None,
-            "digests": digests, "compute_s": elapsed - waited, "wait_s": waited,
+            "digests": digests, **metrics,
         })
 
     def send_params(self) -> None:
@@ -237,6 +264,8 @@ class Worker:
 
     def shutdown(self) -> None:
         self.stopping.set()
+        if self.loader is not None:
+            self.loader.stop()
         if self.heartbeat_thread is not None:
             self.heartbeat_thread.join()
         for receivers in (self.receivers, getattr(self, "receivers_control", None)):
@@ -261,7 +290,13 @@ def main(argv: list[str] | None = None) -> int:
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(int(os.environ.get("PIPETRAIN_BLAS_THREADS", "1"))):
-        return worker.serve()
+        status = worker.serve()
+    # Every thread this process started must be joined by now; say so if one was not.
+    leftover = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    if leftover:
+        sys.stderr.write(f"{worker.name}: threads still alive at exit: {leftover}\n")
+        return 4
+    return status
 
 
 if __name__ == "__main__":

@@ -63,6 +63,13 @@ def prepare(config: TrainConfig) -> Workload:
     )
 
 
+def augmentation(config: TrainConfig) -> str | None:
+    """The augmentation ``--augment`` means for this dataset (see ``system.data.augment``)."""
+    if not config.augment:
+        return None
+    return "digits" if config.dataset == "digits" else "noise"
+
+
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     if len(labels) == 0:
         return float("nan")

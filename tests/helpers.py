@@ -85,3 +85,19 @@ def assert_no_survivors(run_dir: Path) -> None:
             continue
         # pid reuse: only a process started by this run counts
         assert "system." not in " ".join(process.cmdline()), f"pid {pid} survived the run"
+
+
+def wait_for(predicate, *, timeout_s: float, what: str, interval_s: float = 0.02) -> None:
+    """Re-check a condition until it holds; fail naming it if the deadline passes."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if predicate():
+                return
+        except (FileNotFoundError, ValueError, KeyError):
+            pass  # the file is not there yet, or a line is being written
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(interval_s)
