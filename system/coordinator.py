@@ -67,10 +67,13 @@ class WorkerHandle:
     returncode: int | None = None
     last_error: str | None = field(default=None)
     last_seen: float = field(default_factory=time.monotonic)
+    replica: int = 0
+    replicated: bool = False
 
     @property
     def role(self) -> str:
-        return f"stage {self.index} (layers {self.layers[0]}..{self.layers[1] - 1})"
+        replica = f" replica {self.replica}" if self.replicated else ""
+        return f"stage {self.index}{replica} (layers {self.layers[0]}-{self.layers[1] - 1})"
 
 
 def _child_env(config: TrainConfig) -> dict[str, str]:
@@ -100,41 +103,53 @@ class Coordinator:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self, resume_from: Path | None = None, start_step: int = 0) -> None:
-        """Spawn every stage with only its own fds, send each its init, wait until all ready.
+        """Spawn every worker of the S x R grid with only its own fds, send each its init, and
+        wait until all are ready.
 
         With ``resume_from`` (a verified checkpoint directory) every stage loads its parameters
         and optimizer state from it instead of initialising them from the seed.
         """
-        num_stages = self.config.stages
-        # links[s] connects stage s and s+1: activations down, gradients up.
-        links = [(open_pipe(), open_pipe()) for _ in range(num_stages - 1)]
+        stages, replicas = self.config.stages, self.config.replicas
+        # Pipeline links (s, r) <-> (s+1, r): activations down, gradients up. Replica links
+        # (s, r) <-> (s, r+1): the all-reduce chain. Each link is two one-way pipes.
+        pipeline = {(s, r): (open_pipe(), open_pipe())
+                    for s in range(stages - 1) for r in range(replicas)}
+        chain = {(s, r): (open_pipe(), open_pipe())
+                 for s in range(stages) for r in range(replicas - 1)}
         env = _child_env(self.config)
         try:
-            for index, layers in enumerate(self.bounds):
-                fds: dict[str, int] = {}
-                if index > 0:
-                    (act_r, _), (_, grad_w) = links[index - 1]
-                    fds.update(up_in=act_r, up_out=grad_w)
-                if index < num_stages - 1:
-                    (_, act_w), (grad_r, _) = links[index]
-                    fds.update(down_in=grad_r, down_out=act_w)
-                self.workers.append(
-                    self._spawn(index, layers, fds, env, resume_from, start_step)
-                )
+            for replica in range(replicas):
+                for index, layers in enumerate(self.bounds):
+                    fds: dict[str, int] = {}
+                    if index > 0:
+                        (act_r, _), (_, grad_w) = pipeline[index - 1, replica]
+                        fds.update(up_in=act_r, up_out=grad_w)
+                    if index < stages - 1:
+                        (_, act_w), (grad_r, _) = pipeline[index, replica]
+                        fds.update(down_in=grad_r, down_out=act_w)
+                    if replica > 0:
+                        (fwd_r, _), (_, back_w) = chain[index, replica - 1]
+                        fds.update(prev_in=fwd_r, prev_out=back_w)
+                    if replica < replicas - 1:
+                        (_, fwd_w), (back_r, _) = chain[index, replica]
+                        fds.update(next_in=back_r, next_out=fwd_w)
+                    self.workers.append(self._spawn(index, replica, layers, fds, env,
+                                                    resume_from, start_step))
         finally:
-            for pair in links:  # the children hold their ends now; ours would hide EOFs
-                for read_fd, write_fd in pair:
+            for pair in (*pipeline.values(), *chain.values()):
+                for read_fd, write_fd in pair:  # the children hold theirs; ours would hide EOFs
                     os.close(read_fd)
                     os.close(write_fd)
         self.collect("ready")
         self.generation += 1
 
-    def _spawn(self, index: int, layers: tuple[int, int], fds: dict[str, int],
+    def _spawn(self, index: int, replica: int, layers: tuple[int, int], fds: dict[str, int],
                env: dict[str, str], resume_from: Path | None,
                start_step: int) -> WorkerHandle:
         to_child_r, to_child_w = open_pipe()
         from_child_r, from_child_w = open_pipe()
-        log_path = self.run.path / "logs" / f"stage-{index}.log"
+        suffix = f"-replica-{replica}" if self.config.replicas > 1 else ""
+        log_path = self.run.path / "logs" / f"stage-{index}{suffix}.log"
         try:
             with open(log_path, "ab") as log:
                 process = subprocess.Popen(
@@ -146,9 +161,10 @@ class Coordinator:
             os.close(to_child_r)
             os.close(from_child_w)
         control = PipeChannel(from_child_r, to_child_w, name=f"control of stage {index}")
-        handle = WorkerHandle(index, layers, process, control, log_path)
+        handle = WorkerHandle(index, layers, process, control, log_path, replica=replica,
+                              replicated=self.config.replicas > 1)
         self.send(handle, {
-            "cmd": "init", "config": self.config.to_json(), "stage": index,
+            "cmd": "init", "config": self.config.to_json(), "stage": index, "replica": replica,
             "num_stages": self.config.stages, "layers": list(layers), "fds": fds,
             "op_timeout_s": self.op_timeout_s,
             "resume_from": str(resume_from) if resume_from else None,
@@ -207,12 +223,12 @@ class Coordinator:
         replies: dict[int, dict[str, Any]] = {}
 
         def handle(worker: WorkerHandle, message: dict[str, Any]) -> None:
-            if message.get("event") != event or worker.index in replies:
+            if message.get("event") != event or id(worker) in replies:
                 raise self._failure(worker, f"expected {event}, got {message.get('event')}")
-            replies[worker.index] = message
+            replies[id(worker)] = message
 
         self.pump(handle, lambda: len(replies) == len(self.workers))
-        return [replies[index] for index in range(len(self.workers))]
+        return [replies[id(worker)] for worker in self.workers]
 
     def pump(self, handle: Callable[[WorkerHandle, dict[str, Any]], None],
              done: Callable[[], bool]) -> None:
@@ -293,17 +309,29 @@ class Coordinator:
     def step(self, step: int) -> tuple[float, str, list[dict[str, Any]]]:
         self.broadcast({"cmd": "step", "step": step})
         replies = self.collect("step_done")
-        loss = float(replies[-1]["loss"])
-        digest = combine(bytes.fromhex(d) for reply in replies for d in reply["digests"])
+        loss = 0.0
+        for worker, reply in zip(self.workers, replies, strict=True):
+            if worker.index == self.config.stages - 1:  # workers are in replica order
+                loss += float(reply["loss"])
+        # After the all-reduce every replica holds the same gradients: replica 0's speak for all.
+        digest = combine(bytes.fromhex(d) for worker, reply in zip(self.workers, replies,
+                                                                     strict=True)
+                         if worker.replica == 0 for d in reply["digests"])
         return loss, digest, replies
 
     def gather_params(self) -> dict[str, np.ndarray]:
-        self.broadcast({"cmd": "params"})
+        """Every parameter, from replica 0's stages."""
+        primary = [worker for worker in self.workers if worker.replica == 0]
+        for worker in primary:
+            try:
+                self.send(worker, {"cmd": "params"})
+            except (ChannelClosed, ChannelTimeout) as exc:
+                raise self._failure(worker, str(exc)) from exc
         params: dict[str, np.ndarray] = {}
         answered: set[int] = set()
 
         def handle(worker: WorkerHandle, header: dict[str, Any]) -> None:
-            if header.get("event") != "params" or worker.index in answered:
+            if header.get("event") != "params" or worker.index in answered or worker.replica:
                 raise self._failure(worker, f"expected params, got {header.get('event')}")
             # The worker sends its parameter frames right behind the header, under one lock.
             for position, name in enumerate(header["names"]):
@@ -313,14 +341,21 @@ class Coordinator:
                 params[name] = frame.array
             answered.add(worker.index)
 
-        self.pump(handle, lambda: len(answered) == len(self.workers))
+        self.pump(handle, lambda: len(answered) == len(primary))
         return {name: params[name] for name in parameter_names(self.config.num_layers)}
 
     def checkpoint(self, step: int, epoch: int) -> Path:
         """Every stage writes its segment into a temporary directory, then it is committed."""
         tmp = checkpoint.begin(self.run.checkpoints, step)
         self.broadcast({"cmd": "checkpoint", "dir": str(tmp)})
-        files = {reply["file"]: reply["sha256"] for reply in self.collect("checkpointed")}
+        replies = self.collect("checkpointed")
+        files = {reply["file"]: reply["sha256"] for reply in replies if "file" in reply}
+        digests: dict[int, str] = {}
+        for worker, reply in zip(self.workers, replies, strict=True):
+            expected = digests.setdefault(worker.index, reply["params_digest"])
+            if reply["params_digest"] != expected:
+                raise self._failure(worker, f"parameters differ from replica 0's at step {step} "
+                                    "(replicas drifted apart)")
         return checkpoint.commit(tmp, step=step, epoch=epoch, files=files,
                                  config=self.config.math_config(),
                                  config_digest=self.config.math_digest())

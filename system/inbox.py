@@ -36,16 +36,22 @@ class Inbox:
         self._cond = threading.Condition()
         self._items: dict[str, deque[Any]] = {}
         self._failure: BaseException | None = None
+        self._source_failures: dict[str, BaseException] = {}
 
     def put(self, source: str, item: Any) -> None:
         with self._cond:
             self._items.setdefault(source, deque()).append(item)
             self._cond.notify_all()
 
-    def fail(self, exc: BaseException) -> None:
-        """Record the first failure and wake every waiter; later ones are consequences."""
+    def fail(self, exc: BaseException, source: str | None = None) -> None:
+        """Record a failure and wake every waiter. With ``source``, only that source failed:
+        its items already received are still delivered, then its failure is raised. A
+        neighbour that closes its pipe after the last step is not an error for anyone who no
+        longer reads from it. Without ``source`` every ``get`` fails (the first failure wins)."""
         with self._cond:
-            if self._failure is None:
+            if source is not None:
+                self._source_failures.setdefault(source, exc)
+            elif self._failure is None:
                 self._failure = exc
             self._cond.notify_all()
 
@@ -60,8 +66,9 @@ class Inbox:
                 queue = self._items.get(source)
                 if queue:
                     return queue.popleft()
-                if self._failure is not None:
-                    raise InboxFailure(str(self._failure)) from self._failure
+                failure = self._failure or self._source_failures.get(source)
+                if failure is not None:
+                    raise InboxFailure(str(failure)) from failure
                 if interrupted():
                     raise InterruptedError("interrupted by a signal")
                 self._cond.wait(0.5)
@@ -80,14 +87,17 @@ class Receivers:
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
         self._threads: list[threading.Thread] = []
 
-    def start(self, source: str, channel: PipeChannel) -> None:
+    def start(self, source: str, channel: PipeChannel, *, fatal: bool = False) -> None:
+        """Read ``channel`` into the inbox under ``source``; a ``fatal`` channel's failure fails
+        every source (the control pipe: without the coordinator nothing should go on)."""
         thread = threading.Thread(
-            target=self._run, args=(source, channel), name=f"recv-{source}", daemon=False
+            target=self._run, args=(source, channel, fatal), name=f"recv-{source}",
+            daemon=False,
         )
         self._threads.append(thread)
         thread.start()
 
-    def _run(self, source: str, channel: PipeChannel) -> None:
+    def _run(self, source: str, channel: PipeChannel, fatal: bool) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
         poller = select.poll()
         poller.register(channel.fileno(), select.POLLIN)
@@ -101,9 +111,11 @@ class Receivers:
                 # else the sender is stalled mid-frame.
                 self.inbox.put(source, channel.recv_frame(timeout_s=self.op_timeout_s))
         except ChannelClosed:
-            self.inbox.fail(InboxFailure(f"{source} closed its pipe (the process exited?)"))
+            self.inbox.fail(InboxFailure(f"{source} closed its pipe (the process exited?)"),
+                            None if fatal else source)
         except Exception as exc:  # noqa: BLE001 - any failure must reach the main thread
-            self.inbox.fail(InboxFailure(f"{source}: {type(exc).__name__}: {exc}"))
+            self.inbox.fail(InboxFailure(f"{source}: {type(exc).__name__}: {exc}"),
+                            None if fatal else source)
 
     def stop(self) -> None:
         os.write(self._wake_w, b"x")

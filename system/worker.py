@@ -32,9 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from system import checkpoint, testhooks
+from system import allreduce, checkpoint, testhooks
 from system.config import build_config
 from system.data.loader import Loader, MicroBatch
+from system.digest import array_digest, combine
 from system.inbox import CONTROL_SIGNALS, Inbox, InboxFailure, Receivers
 from system.protocol import Kind, ProtocolError, decode_json, encode_json
 from system.schedule import build as build_schedule
@@ -44,6 +45,7 @@ from system.workload import augmentation, prepare
 
 PR_SET_PDEATHSIG = 1
 CONTROL = "control"
+PREV_REPLICA, NEXT_REPLICA = "previous replica", "next replica"
 
 
 def die_with_parent() -> None:
@@ -71,6 +73,7 @@ class Worker:
         self.stage: Stage | None = None
         self.loader: Loader | None = None
         self._data_wait_total = 0.0
+        self.replica, self.replicas = 0, 1
         self.name = f"worker pid {os.getpid()}"
 
     # -- control messages ------------------------------------------------------------------
@@ -111,6 +114,9 @@ class Worker:
         first, stop = message["layers"]
         self.fault = testhooks.stage_fault(index, message.get("generation", 0))
         replica = message.get("replica", 0)
+        self.replica, self.replicas = replica, config.replicas
+        if config.replicas > 1:
+            self.name = f"stage {index} replica {replica}"
         is_first, is_last = index == 0, index == num_stages - 1
         if is_first or is_last:
             workload = prepare(config)
@@ -139,11 +145,63 @@ class Worker:
                 fds["down_in"], fds["down_out"], name="downstream"
             )
             self.receivers.start(DOWNSTREAM, self.channels[DOWNSTREAM])
+        for direction, (read_key, write_key) in ((PREV_REPLICA, ("prev_in", "prev_out")),
+                                                 (NEXT_REPLICA, ("next_in", "next_out"))):
+            if read_key in fds:
+                self.channels[direction] = PipeChannel(fds[read_key], fds[write_key],
+                                                       name=direction)
+                self.receivers.start(direction, self.channels[direction])
         if message.get("resume_from"):
             manifest = checkpoint.verify(Path(message["resume_from"]))
             self.stage.load_state(*checkpoint.load_state(manifest, self.stage.names))
+        if self.replicas > 1:
+            self.sync_weights()
 
     # -- commands ----------------------------------------------------------------------------
+
+    def receive(self, source: str, kind: Kind, step: int, index: int, what: str) -> np.ndarray:
+        """The next frame from ``source``, which must be the expected one (pipes keep order)."""
+        frame = self.inbox.get(source, interrupted=self.alive)
+        if (frame.kind, frame.step, frame.microbatch) != (kind, step, index):
+            raise ProtocolError(
+                f"{self.name} at {what}: expected {kind.name} step {step} index {index} from "
+                f"{source}, got kind {frame.kind} step {frame.step} index {frame.microbatch}"
+            )
+        return frame.array
+
+    def _neighbours(self, kind: Kind, step: int) -> dict[str, Any]:
+        """Send/receive callables for the all-reduce chain among this stage's replicas."""
+        def sender(direction: str):
+            channel = self.channels.get(direction)
+            if channel is None:
+                return None
+            return lambda index, data: channel.send_frame(kind, step, index, data,
+                                                          timeout_s=self.op_timeout_s)
+
+        def receiver(direction: str):
+            if direction not in self.channels:
+                return None
+            return lambda index: self.receive(direction, kind, step, index, f"{kind.name}")
+
+        return {"send_next": sender(NEXT_REPLICA), "send_prev": sender(PREV_REPLICA),
+                "recv_prev": receiver(PREV_REPLICA), "recv_next": receiver(NEXT_REPLICA)}
+
+    def allreduce_grads(self, step: int) -> None:
+        grads = [self.stage.segment.grads()[name] for name in self.stage.names]
+        flat = allreduce.flatten(grads)
+        links = self._neighbours(Kind.REDUCE, step)
+        allreduce.chain_allreduce(flat, self.replica, self.replicas, **links)
+        allreduce.unflatten(flat, grads)
+
+    def sync_weights(self) -> None:
+        """Replica 0's parameters to every replica (they agree by construction; this makes
+        sure of it after a start, a restart or a resume)."""
+        params = [self.stage.params[name] for name in self.stage.names]
+        flat = allreduce.flatten(params)
+        links = self._neighbours(Kind.PARAMETER, 0)
+        allreduce.broadcast_from_first(flat, self.replica, self.replicas,
+                                       send_next=links["send_next"], recv_prev=links["recv_prev"])
+        allreduce.unflatten(flat, params)
 
     def _next_microbatch(self, step: int, microbatch: int) -> MicroBatch:
         self.alive()
@@ -163,18 +221,9 @@ class Worker:
             received = None
             if source is not None:
                 wait_start = time.perf_counter()
-                frame = self.inbox.get(source, interrupted=self.alive)
-                waited += time.perf_counter() - wait_start
                 expected = Kind.ACTIVATION if source == UPSTREAM else Kind.GRADIENT
-                if (frame.kind, frame.step, frame.microbatch) != (
-                    expected, step, action.microbatch
-                ):
-                    raise ProtocolError(
-                        f"stage {stage.index} at {action}: expected {expected.name} step {step} "
-                        f"micro-batch {action.microbatch} from {source}, got kind {frame.kind} "
-                        f"step {frame.step} micro-batch {frame.microbatch}"
-                    )
-                received = frame.array
+                received = self.receive(source, expected, step, action.microbatch, str(action))
+                waited += time.perf_counter() - wait_start
             self.alive()
             outgoing = stage.execute(action, received)
             if outgoing is not None:
@@ -182,12 +231,19 @@ class Worker:
                     outgoing.kind, step, outgoing.microbatch, outgoing.array,
                     timeout_s=self.op_timeout_s,
                 )
+        if self.replicas > 1:
+            wait_start = time.perf_counter()
+            self.allreduce_grads(step)
+            metrics_reduce_s = time.perf_counter() - wait_start
+        else:
+            metrics_reduce_s = 0.0
         digests = stage.grad_digests()
         if self.fault and self.fault.get("kind") == "perturb" and self.fault.get("step") == step:
             digests = testhooks.perturb(stage, digests)
         stage.apply_update()
         elapsed = time.perf_counter() - started
-        metrics = {"compute_s": elapsed - waited, "wait_neighbours_s": waited}
+        metrics = {"compute_s": elapsed - waited - metrics_reduce_s, "wait_neighbours_s": waited,
+                   "allreduce_s": metrics_reduce_s}
         if self.loader is not None:
             stats = self.loader.stats()
             data_wait = stats["consumer_wait_s"] - self._data_wait_total
@@ -210,16 +266,21 @@ class Worker:
                 self.control.send_frame(Kind.PARAMETER, 0, position, stage.params[name])
 
     def write_checkpoint(self, directory: Path) -> None:
+        """Replica 0 writes the segment; every replica reports a digest of its parameters so
+        the coordinator can check that the replicas have not drifted apart."""
         stage = self.stage
         assert stage is not None
-        name, sha256 = checkpoint.write_segment(
-            directory, stage.index, stage.params, stage.optimizer.state_dict()
-        )
-        self.reply({"event": "checkpointed", "file": name, "sha256": sha256})
+        params_digest = combine(array_digest(stage.params[name]) for name in stage.names)
+        reply = {"event": "checkpointed", "params_digest": params_digest}
+        if self.replica == 0:
+            reply["file"], reply["sha256"] = checkpoint.write_segment(
+                directory, stage.index, stage.params, stage.optimizer.state_dict()
+            )
+        self.reply(reply)
 
     def serve(self) -> int:
         self.receivers_control = Receivers(self.inbox, op_timeout_s=None)
-        self.receivers_control.start(CONTROL, self.control)
+        self.receivers_control.start(CONTROL, self.control, fatal=True)
         try:
             message = self.next_command()
             if message.get("cmd") != "init":

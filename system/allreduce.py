@@ -1,0 +1,106 @@
+"""A deterministic all-reduce among the R replicas of one pipeline stage: a pipelined chain.
+
+::
+
+    reduce:     r0 ──g0──▶ r1 ──g0+g1──▶ r2 ──(g0+g1)+g2──▶ r3  (holds the total)
+    broadcast:  r0 ◀────── r1 ◀───────── r2 ◀──────────────── r3
+
+Every element is summed in replica order, ``((g0 + g1) + g2) + ...``, exactly as the single-process
+reference sums its replicas, so replicated training stays bitwise equal to it. A ring all-reduce
+moves the same bytes per link but starts each chunk's sum at a different rank, which would change
+the order per chunk; a chain keeps one order for all. The buffer is cut into chunks that fit a
+pipe buffer, and chunks flow down the chain while later ones are still being added, so every link
+is busy at once (the latency is ``(R - 1 + chunks)`` chunk transfers rather than
+``(R - 1) * chunks``).
+
+The function is given its neighbours as callables, so the same code runs over pipes, over MPI,
+or between threads in a test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+CHUNK_BYTES = 512 * 1024  # half of the 1 MiB pipe buffer: a chunk never waits for room
+
+Send = Callable[[int, np.ndarray], None]  # (chunk index, data)
+Receive = Callable[[int], np.ndarray]     # chunk index -> data
+
+
+def chunk_bounds(size: int, itemsize: int, chunk_bytes: int = CHUNK_BYTES) -> list[slice]:
+    step = max(1, chunk_bytes // itemsize)
+    return [slice(start, min(start + step, size)) for start in range(0, size, step)] or [
+        slice(0, 0)
+    ]
+
+
+def chain_allreduce(
+    flat: np.ndarray, rank: int, size: int, *, send_next: Send | None, recv_prev: Receive | None,
+    send_prev: Send | None, recv_next: Receive | None, chunk_bytes: int = CHUNK_BYTES,
+) -> np.ndarray:
+    """Sum ``flat`` over all ranks in rank order, in place; every rank ends with the total."""
+    if size == 1:
+        return flat
+    if flat.ndim != 1 or not flat.flags.c_contiguous:
+        raise ValueError("all-reduce needs a flat, contiguous buffer")
+    chunks = chunk_bounds(flat.size, flat.itemsize, chunk_bytes)
+    for index, part in enumerate(chunks):
+        if rank > 0:
+            partial = recv_prev(index)
+            _check(partial, flat[part], index, "reduce")
+            np.add(partial, flat[part], out=flat[part])  # (g0 + ... + g_{r-1}) + g_r
+        if rank < size - 1:
+            send_next(index, flat[part])
+    broadcast_from_last(flat, rank, size, send_prev=send_prev, recv_next=recv_next,
+                        chunks=chunks)
+    return flat
+
+
+def broadcast_from_last(
+    flat: np.ndarray, rank: int, size: int, *, send_prev: Send | None, recv_next: Receive | None,
+    chunks: list[slice] | None = None,
+) -> np.ndarray:
+    """Copy the last rank's ``flat`` to every rank, chunk by chunk back down the chain."""
+    chunks = chunks or chunk_bounds(flat.size, flat.itemsize)
+    for index, part in enumerate(chunks):
+        if rank < size - 1:
+            total = recv_next(index)
+            _check(total, flat[part], index, "broadcast")
+            flat[part] = total
+        if rank > 0:
+            send_prev(index, flat[part])
+    return flat
+
+
+def broadcast_from_first(
+    flat: np.ndarray, rank: int, size: int, *, send_next: Send | None, recv_prev: Receive | None,
+) -> np.ndarray:
+    """Copy rank 0's ``flat`` to every rank, down the chain (used to sync initial weights)."""
+    for index, part in enumerate(chunk_bounds(flat.size, flat.itemsize)):
+        if rank > 0:
+            data = recv_prev(index)
+            _check(data, flat[part], index, "weight broadcast")
+            flat[part] = data
+        if rank < size - 1:
+            send_next(index, flat[part])
+    return flat
+
+
+def _check(received: np.ndarray, expected: np.ndarray, index: int, phase: str) -> None:
+    if received.shape != expected.shape or received.dtype != expected.dtype:
+        raise ValueError(f"all-reduce {phase} chunk {index}: got {received.dtype}"
+                         f"{received.shape}, expected {expected.dtype}{expected.shape}")
+
+
+def flatten(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.empty(0)
+
+
+def unflatten(flat: np.ndarray, arrays: list[np.ndarray]) -> None:
+    """Copy ``flat`` back into ``arrays`` (in place, same order as :func:`flatten`)."""
+    offset = 0
+    for array in arrays:
+        array.reshape(-1)[...] = flat[offset: offset + array.size]
+        offset += array.size
