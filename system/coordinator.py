@@ -47,6 +47,7 @@ from system.schedule import validate as validate_schedule
 from system.transport import ChannelClosed, ChannelTimeout, PipeChannel, open_pipe
 
 STOP_GRACE_S = 3.0
+ROOT_CAUSE_GRACE_S = 0.5
 
 
 class WorkerFailed(RuntimeError):
@@ -257,8 +258,38 @@ class Coordinator:
                     continue
                 if kind == "error":
                     worker.last_error = message.get("message")
+                    if message.get("consequence"):
+                        raise self._root_cause(worker)
                     raise self._failure(worker, worker.last_error or "unknown error")
                 handle(worker, message)
+
+    def _root_cause(self, reporter: WorkerHandle) -> WorkerFailed:
+        """A worker lost a neighbour's pipe: blame the neighbour that died, if one did.
+
+        Its exit closes its pipes an instant before it becomes reapable, so allow that instant.
+        """
+        deadline = time.monotonic() + ROOT_CAUSE_GRACE_S
+        while True:
+            for worker in self.workers:
+                if worker is not reporter and worker.process.poll() is not None:
+                    last_words = self._last_words(worker) or "exited without a word"
+                    return self._failure(worker, f"{last_words}; {reporter.role} lost its pipe "
+                                         "as a result")
+            if time.monotonic() > deadline:
+                return self._failure(reporter, reporter.last_error or "unknown error")
+            time.sleep(0.01)
+
+    def _last_words(self, worker: WorkerHandle) -> str | None:
+        """The error a dead worker reported before exiting, if it is still in its pipe."""
+        with contextlib.suppress(ChannelClosed, ChannelTimeout, ProtocolError, ValueError):
+            while True:
+                frame = worker.control.recv_frame(timeout_s=0.05)
+                if frame.kind == Kind.CONTROL:
+                    message = decode_json(frame.array)
+                    if message.get("event") == "error":
+                        worker.last_error = message.get("message")
+                        return worker.last_error
+        return None
 
     def _heartbeat_poll_ms(self) -> int:
         oldest = min((worker.last_seen for worker in self.workers), default=time.monotonic())

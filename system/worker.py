@@ -310,7 +310,9 @@ class Worker:
         except InboxFailure as exc:
             if self.terminate:
                 return 0
-            self._report(f"{exc}")
+            # A neighbour's pipe failed: most likely a consequence of that neighbour's own death,
+            # which the coordinator is better placed to name.
+            self._report(f"{exc}", consequence=True)
             return 1
         except Exception as exc:  # noqa: BLE001 - every failure must reach the coordinator
             self._report(f"{type(exc).__name__}: {exc}", traceback.format_exc())
@@ -318,10 +320,11 @@ class Worker:
         finally:
             self.shutdown()
 
-    def _report(self, message: str, trace: str = "") -> None:
+    def _report(self, message: str, trace: str = "", *, consequence: bool = False) -> None:
         sys.stderr.write(f"{self.name}: {message}\n{trace}")
         with contextlib.suppress(Exception):  # the coordinator may be gone already
-            self.reply({"event": "error", "message": message, "traceback": trace})
+            self.reply({"event": "error", "message": message, "traceback": trace,
+                        "consequence": consequence})
 
     def shutdown(self) -> None:
         self.stopping.set()
