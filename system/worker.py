@@ -40,7 +40,7 @@ from system.inbox import CONTROL_SIGNALS, Inbox, InboxFailure, Receivers
 from system.protocol import Kind, ProtocolError, decode_json, encode_json
 from system.schedule import build as build_schedule
 from system.stage import DOWNSTREAM, UPSTREAM, Stage
-from system.transport import PipeChannel
+from system.transport import ChannelClosed, PipeChannel
 from system.workload import augmentation, prepare
 
 PR_SET_PDEATHSIG = 1
@@ -307,7 +307,7 @@ class Worker:
                     raise ProtocolError(f"{self.name}: unknown command {command!r}")
         except InterruptedError:
             return 0  # SIGTERM: leave quietly, the coordinator decides what happens next
-        except InboxFailure as exc:
+        except (InboxFailure, ChannelClosed) as exc:
             if self.terminate:
                 return 0
             # A neighbour's pipe failed: most likely a consequence of that neighbour's own death,
@@ -315,6 +315,8 @@ class Worker:
             self._report(f"{exc}", consequence=True)
             return 1
         except Exception as exc:  # noqa: BLE001 - every failure must reach the coordinator
+            if self.terminate:
+                return 0  # SIGTERM interrupted whatever was in progress: a clean exit
             self._report(f"{type(exc).__name__}: {exc}", traceback.format_exc())
             return 1
         finally:

@@ -1,0 +1,155 @@
+"""Killed, frozen and failing workers: the run recovers by itself and ends bitwise equal."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+
+import psutil
+import pytest
+
+from tests.helpers import (
+    assert_bitwise_equal,
+    assert_no_survivors,
+    cli_env,
+    events,
+    load_params,
+    run_cli,
+    run_state,
+    start_cli,
+    wait_for,
+)
+
+BASE = ["--epochs", "2", "--checkpoint-every", "8", "--quiet"]
+SLOW = cli_env(PIPETRAIN_TEST_STEP_DELAY_S="0.01")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ref")
+    run_cli("reference", "--run-dir", str(run_dir), *BASE, check=True)
+    return run_dir
+
+
+def last_step(run_dir) -> int:
+    return max((e["step"] for e in events(run_dir) if e["event"] == "step"), default=0)
+
+
+def finish(proc, timeout: float = 120) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+# Every role (first, middle, last stage), three ways to die, both schedules.
+KILLS = [
+    (role, sig, schedule)
+    for role, sig in [(0, signal.SIGKILL), (1, signal.SIGTERM), (2, signal.SIGSEGV),
+                      (0, signal.SIGSEGV), (1, signal.SIGKILL), (2, signal.SIGTERM)]
+    for schedule in ("1f1b", "gpipe")
+]
+
+
+@pytest.mark.parametrize("role,sig,schedule", KILLS)
+def test_killed_worker_is_replaced_and_nothing_is_lost(tmp_path, reference, role, sig, schedule):
+    run_dir = tmp_path / "train"
+    at_step = random.Random(f"{role}{sig}{schedule}").randint(3, 35)
+    proc = start_cli("train", "--run-dir", str(run_dir), "--schedule", schedule, *BASE, env=SLOW)
+    try:
+        wait_for(lambda: last_step(run_dir) >= at_step, timeout_s=60, what=f"step {at_step}")
+        os.kill(run_state(run_dir)["worker_pids"][role], sig)
+    finally:
+        status = finish(proc)
+    assert status == 0, proc
+    restarts = [e for e in events(run_dir) if e["event"] == "restart"]
+    assert len(restarts) == 1, restarts
+    assert restarts[0]["from_step"] % 8 == 0 and restarts[0]["recovery_s"] > 0
+    exits = [e for e in events(run_dir) if e["event"] == "worker_exit"]
+    # SIGTERM asks a worker to exit cleanly (status 0); the others kill it.
+    expected = (0, -sig) if sig == signal.SIGTERM else (-sig,)
+    assert any(e["returncode"] in expected for e in exits[:3]), exits
+    assert_bitwise_equal(load_params(run_dir), load_params(reference))
+    assert_no_survivors(run_dir)
+
+
+def test_frozen_worker_is_detected_within_the_heartbeat_timeout(tmp_path, reference):
+    run_dir = tmp_path / "train"
+    proc = start_cli("train", "--run-dir", str(run_dir), "--heartbeat-timeout", "1", *BASE,
+                     env=SLOW)
+    try:
+        wait_for(lambda: last_step(run_dir) >= 10, timeout_s=60, what="step 10")
+        frozen = run_state(run_dir)["worker_pids"][1]
+        os.kill(frozen, signal.SIGSTOP)
+    finally:
+        status = finish(proc)
+    assert status == 0
+    restart = next(e for e in events(run_dir) if e["event"] == "restart")
+    assert "no heartbeat" in restart["cause"] and "stage 1" in restart["cause"]
+    assert restart["recovery_s"] < 10
+    assert not psutil.pid_exists(frozen) or psutil.Process(frozen).status() == "zombie"
+    assert_bitwise_equal(load_params(run_dir), load_params(reference))
+
+
+def test_short_freeze_is_not_a_failure(tmp_path, reference):
+    run_dir = tmp_path / "train"
+    proc = start_cli("train", "--run-dir", str(run_dir), "--heartbeat-timeout", "5", *BASE,
+                     env=SLOW)
+    try:
+        wait_for(lambda: last_step(run_dir) >= 10, timeout_s=60, what="step 10")
+        pid = run_state(run_dir)["worker_pids"][1]
+        os.kill(pid, signal.SIGSTOP)
+        frozen_at = last_step(run_dir)
+        # The pipeline cannot advance while a stage is stopped: wait until that is visible
+        # (two more steps would be impossible), then let it go well inside the timeout.
+        with pytest.raises(AssertionError):
+            wait_for(lambda: last_step(run_dir) > frozen_at + 1, timeout_s=0.5, what="no step")
+        os.kill(pid, signal.SIGCONT)
+    finally:
+        status = finish(proc)
+    assert status == 0
+    assert not [e for e in events(run_dir) if e["event"] == "restart"]
+    assert_bitwise_equal(load_params(run_dir), load_params(reference))
+
+
+def test_hung_worker_main_thread_is_detected(tmp_path, reference):
+    """A worker whose main thread hangs (its heartbeat thread still alive) goes silent."""
+    run_dir = tmp_path / "train"
+    result = run_cli("train", "--run-dir", str(run_dir), "--heartbeat-timeout", "1", *BASE,
+                     env=cli_env(PIPETRAIN_TEST_FAULT='{"stage": 2, "step": 12, "kind": "hang"}'))
+    assert result.returncode == 0, result.stderr
+    restart = next(e for e in events(run_dir) if e["event"] == "restart")
+    assert "stage 2" in restart["cause"] and "no heartbeat" in restart["cause"]
+    assert_bitwise_equal(load_params(run_dir), load_params(reference))
+
+
+def test_restarts_exhausted_fail_clearly(tmp_path):
+    run_dir = tmp_path / "train"
+    fault = '{"stage": 1, "step": 3, "kind": "raise", "generation": %d}'
+    # The fault fires in generation 0; with --max-restarts 0 there is no second chance.
+    result = run_cli("train", "--run-dir", str(run_dir), "--max-restarts", "0", *BASE,
+                     env=cli_env(PIPETRAIN_TEST_FAULT=fault % 0))
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "stage 1" in result.stderr and "injected fault" in result.stderr
+    assert "--max-restarts is 0" in result.stderr
+    assert run_state(run_dir)["state"] == "failed"
+    assert_no_survivors(run_dir)
+
+
+def test_coordinator_killed_takes_its_workers_with_it(tmp_path):
+    run_dir = tmp_path / "train"
+    proc = start_cli("train", "--run-dir", str(run_dir), *BASE, env=SLOW)
+    try:
+        wait_for(lambda: last_step(run_dir) >= 5, timeout_s=60, what="step 5")
+        workers = [psutil.Process(pid) for pid in run_state(run_dir)["worker_pids"]]
+        proc.kill()
+    finally:
+        finish(proc)
+    gone, alive = psutil.wait_procs(workers, timeout=2)
+    assert not alive, f"workers outlived the coordinator: {alive}"
