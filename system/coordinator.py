@@ -270,17 +270,20 @@ class Coordinator:
         """
         deadline = time.monotonic() + ROOT_CAUSE_GRACE_S
         while True:
-            for worker in self.workers:
-                if worker is not reporter and worker.process.poll() is not None:
-                    last_words = self._last_words(worker) or "exited without a word"
-                    return self._failure(worker, f"{last_words}; {reporter.role} lost its pipe "
-                                         "as a result")
+            dead = [w for w in self.workers if w is not reporter and w.process.poll() is not None]
+            if dead:
+                # Prefer a worker that found a problem itself, then one that died silently.
+                words = [(w, *self._last_words(w)) for w in dead]
+                words.sort(key=lambda item: {False: 0, None: 1, True: 2}[item[2]])
+                worker, last_words, _ = words[0]
+                return self._failure(worker, f"{last_words or 'exited without a word'}; "
+                                     f"{reporter.role} lost its pipe as a result")
             if time.monotonic() > deadline:
                 return self._failure(reporter, reporter.last_error or "unknown error")
             time.sleep(0.01)
 
-    def _last_words(self, worker: WorkerHandle) -> str | None:
-        """The error a dead worker reported before exiting, if it is still in its pipe."""
+    def _last_words(self, worker: WorkerHandle) -> tuple[str | None, bool | None]:
+        """(error message, whether it was a consequence) a dead worker left in its pipe."""
         with contextlib.suppress(ChannelClosed, ChannelTimeout, ProtocolError, ValueError):
             while True:
                 frame = worker.control.recv_frame(timeout_s=0.05)
@@ -288,8 +291,8 @@ class Coordinator:
                     message = decode_json(frame.array)
                     if message.get("event") == "error":
                         worker.last_error = message.get("message")
-                        return worker.last_error
-        return None
+                        return worker.last_error, bool(message.get("consequence"))
+        return None, None
 
     def _heartbeat_poll_ms(self) -> int:
         oldest = min((worker.last_seen for worker in self.workers), default=time.monotonic())

@@ -31,6 +31,10 @@ class InboxFailure(RuntimeError):
     """A receiver failed (peer gone, corrupt frame, timeout); names the source."""
 
 
+class PeerClosed(InboxFailure):
+    """The peer closed its pipe: usually the consequence of its own failure, not ours."""
+
+
 class Inbox:
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -68,7 +72,7 @@ class Inbox:
                     return queue.popleft()
                 failure = self._failure or self._source_failures.get(source)
                 if failure is not None:
-                    raise InboxFailure(str(failure)) from failure
+                    raise type(failure)(str(failure)) from failure
                 if interrupted():
                     raise InterruptedError("interrupted by a signal")
                 self._cond.wait(0.5)
@@ -111,7 +115,7 @@ class Receivers:
                 # else the sender is stalled mid-frame.
                 self.inbox.put(source, channel.recv_frame(timeout_s=self.op_timeout_s))
         except ChannelClosed:
-            self.inbox.fail(InboxFailure(f"{source} closed its pipe (the process exited?)"),
+            self.inbox.fail(PeerClosed(f"{source} closed its pipe (the process exited?)"),
                             None if fatal else source)
         except Exception as exc:  # noqa: BLE001 - any failure must reach the main thread
             self.inbox.fail(InboxFailure(f"{source}: {type(exc).__name__}: {exc}"),

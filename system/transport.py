@@ -119,22 +119,32 @@ class PipeChannel(Channel):
 
     def send_frame(self, kind: Kind, step: int, microbatch: int, array: np.ndarray, *,
                    timeout_s: float | None = None) -> None:
-        fd = self._usable(self._write_fd, self._tx_broken, "send")
+        self._usable(self._write_fd, self._tx_broken, "send")
         deadline = _deadline(timeout_s)
         if array.nbytes > self.max_frame_bytes:  # fail here rather than at the receiver
             raise ProtocolError(f"{self.name}: frame of {array.nbytes} bytes exceeds the "
                                 f"maximum of {self.max_frame_bytes}")
         header = encode_header(kind, step, microbatch, array)
-        pending = [b for b in (memoryview(header), byte_view(array)) if b.nbytes]
-        total, sent = HEADER_SIZE + array.nbytes, 0
+        self.write_buffers([memoryview(header), byte_view(array)], deadline, timeout_s,
+                           describe(kind, step, microbatch))
+
+    def write_buffers(self, buffers: list[memoryview], deadline: float | None,
+                      timeout_s: float | None, what: str) -> None:
+        """Write ``buffers`` completely (one frame's bytes), or fail with a clear error.
+
+        Public for the fault-injection shim (``system.linkfaults``), which sends frames whose
+        bytes were damaged on purpose; everything else sends with :meth:`send_frame`.
+        """
+        fd = self._usable(self._write_fd, self._tx_broken, "send")
+        pending = [b for b in buffers if b.nbytes]
+        total, sent = sum(b.nbytes for b in pending), 0
         while pending:
             try:
                 n = os.writev(fd, pending)
             except BlockingIOError:  # pipe full: wait for the reader to drain it
                 try:
                     self._wait(fd, select.POLLOUT, deadline, timeout_s,
-                               f"send {describe(kind, step, microbatch)} "
-                               f"(sent {sent} of {total} bytes)")
+                               f"send {what} (sent {sent} of {total} bytes)")
                 except ChannelTimeout:
                     if sent:  # the peer now holds a partial frame we can never complete
                         self._tx_broken = "an earlier send timed out mid-frame"
@@ -235,6 +245,14 @@ class PipeChannel(Channel):
         if self._read_fd is None:
             raise ValueError(f"{self.name}: no readable fd (write-only or closed)")
         return self._read_fd
+
+    def close_write(self) -> None:
+        """Close only the sending side (the peer reads end-of-file)."""
+        if self._write_fd is not None:
+            fd, self._write_fd = self._write_fd, None
+            os.close(fd)
+            if self._read_fd is None:
+                self._write_fd = None
 
     def close(self) -> None:
         fds, self._read_fd, self._write_fd = (self._read_fd, self._write_fd), None, None

@@ -32,11 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from system import allreduce, checkpoint, testhooks
+from system import allreduce, checkpoint, linkfaults, testhooks
 from system.config import build_config
 from system.data.loader import Loader, MicroBatch
 from system.digest import array_digest, combine
-from system.inbox import CONTROL_SIGNALS, Inbox, InboxFailure, Receivers
+from system.inbox import CONTROL_SIGNALS, Inbox, InboxFailure, PeerClosed, Receivers
 from system.protocol import Kind, ProtocolError, decode_json, encode_json
 from system.schedule import build as build_schedule
 from system.stage import DOWNSTREAM, UPSTREAM, Stage
@@ -137,14 +137,19 @@ class Worker:
         self.op_timeout_s = message.get("op_timeout_s")
         fds = message["fds"]
         self.receivers = Receivers(self.inbox, op_timeout_s=self.op_timeout_s)
-        if "up_in" in fds:
-            self.channels[UPSTREAM] = PipeChannel(fds["up_in"], fds["up_out"], name="upstream")
-            self.receivers.start(UPSTREAM, self.channels[UPSTREAM])
-        if "down_in" in fds:
-            self.channels[DOWNSTREAM] = PipeChannel(
-                fds["down_in"], fds["down_out"], name="downstream"
+        generation = message.get("generation", 0)
+        for direction, neighbour, (read_key, write_key) in (
+            (UPSTREAM, index - 1, ("up_in", "up_out")),
+            (DOWNSTREAM, index + 1, ("down_in", "down_out")),
+        ):
+            if read_key not in fds:
+                continue
+            channel = PipeChannel(fds[read_key], fds[write_key], name=direction)
+            self.receivers.start(direction, channel)
+            plan = linkfaults.plan_for(index, neighbour, replica, generation)
+            self.channels[direction] = (
+                linkfaults.FaultyChannel(channel, plan, seed=config.seed) if plan else channel
             )
-            self.receivers.start(DOWNSTREAM, self.channels[DOWNSTREAM])
         for direction, (read_key, write_key) in ((PREV_REPLICA, ("prev_in", "prev_out")),
                                                  (NEXT_REPLICA, ("next_in", "next_out"))):
             if read_key in fds:
@@ -307,12 +312,17 @@ class Worker:
                     raise ProtocolError(f"{self.name}: unknown command {command!r}")
         except InterruptedError:
             return 0  # SIGTERM: leave quietly, the coordinator decides what happens next
-        except (InboxFailure, ChannelClosed) as exc:
+        except (PeerClosed, ChannelClosed) as exc:
             if self.terminate:
                 return 0
-            # A neighbour's pipe failed: most likely a consequence of that neighbour's own death,
-            # which the coordinator is better placed to name.
+            # A neighbour's pipe closed: most likely a consequence of that neighbour's own
+            # failure, which the coordinator is better placed to name.
             self._report(f"{exc}", consequence=True)
+            return 1
+        except InboxFailure as exc:  # a corrupt or stalled frame from a neighbour: our finding
+            if self.terminate:
+                return 0
+            self._report(f"{exc}")
             return 1
         except Exception as exc:  # noqa: BLE001 - every failure must reach the coordinator
             if self.terminate:

@@ -1,0 +1,98 @@
+"""Faults on the real pipe between two stages, switched on only by the scenario harness.
+
+Why a shim in the sender rather than a relay process between the stages: a relay would add a
+copy and a process to every link of every run for the sake of tests, and it would need to parse
+frames to act "at step N" anyway. The shim sits in the sending stage, sees each frame's step,
+and acts on the real pipe: it delays or throttles the write, flips bits in the bytes that really
+cross the pipe (the receiver's CRC must catch them), or closes the write end (the receiver reads
+end-of-file). Production runs never load it: it is wrapped around a channel only when
+``PIPETRAIN_LINK_FAULTS`` holds a plan, which only the harness sets.
+
+A plan is a JSON list of faults, each ``{"kind": "delay"|"throttle"|"corrupt"|"sever",
+"link": "0->1", "replica": 0, "at_step": 5, "for_steps": 2, "generation": 0, ...}`` with
+``latency_ms`` / ``jitter_ms`` (delay), ``bandwidth_bytes_per_s`` (throttle), ``flips`` (corrupt).
+``for_steps`` 0 means until the end. A fault acts in one worker generation (0: before any
+restart) so a recovered run can finish.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from typing import Any
+
+import numpy as np
+
+from system.protocol import Kind, byte_view, describe, encode_header
+from system.transport import Channel, ChannelClosed, Frame, PipeChannel
+
+ENV = "PIPETRAIN_LINK_FAULTS"
+KINDS = ("delay", "throttle", "corrupt", "sever")
+
+
+def plan_for(stage: int, neighbour: int, replica: int, generation: int) -> list[dict[str, Any]]:
+    text = os.environ.get(ENV)
+    if not text:
+        return []
+    link = f"{stage}->{neighbour}"
+    return [fault for fault in json.loads(text)
+            if fault.get("link") == link and fault.get("replica", 0) == replica
+            and fault.get("generation", 0) == generation]
+
+
+class FaultyChannel(Channel):
+    """A :class:`PipeChannel` whose sends suffer the planned faults."""
+
+    def __init__(self, inner: PipeChannel, plan: list[dict[str, Any]], seed: int = 0) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.plan = plan
+        self.rng = random.Random(seed)  # noqa: S311 - jitter, not security
+
+    def _active(self, step: int) -> list[dict[str, Any]]:
+        active = []
+        for fault in self.plan:
+            start, steps = fault.get("at_step", 1), fault.get("for_steps", 1)
+            if step >= start and (steps == 0 or step < start + steps):
+                active.append(fault)
+        return active
+
+    def send_frame(self, kind: Kind, step: int, microbatch: int, array: np.ndarray, *,
+                   timeout_s: float | None = None) -> None:
+        corrupt = None
+        for fault in self._active(step):
+            if fault["kind"] == "delay":
+                jitter = fault.get("jitter_ms", 0)
+                time.sleep(max(0.0, fault.get("latency_ms", 10) +
+                               self.rng.uniform(-jitter, jitter)) / 1000)
+            elif fault["kind"] == "throttle":
+                time.sleep(array.nbytes / float(fault.get("bandwidth_bytes_per_s", 1e6)))
+            elif fault["kind"] == "sever":
+                self.inner.close_write()
+                raise ChannelClosed(f"{self.name}: link severed by fault injection at step {step}")
+            elif fault["kind"] == "corrupt":
+                corrupt = fault
+        if corrupt is None:
+            self.inner.send_frame(kind, step, microbatch, array, timeout_s=timeout_s)
+            return
+        header = encode_header(kind, step, microbatch, array)
+        payload = bytearray(byte_view(array))
+        for _ in range(int(corrupt.get("flips", 1))):
+            if payload:
+                position = self.rng.randrange(len(payload))
+                payload[position] ^= 1 << self.rng.randrange(8)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self.inner.write_buffers([memoryview(header), memoryview(payload)], deadline, timeout_s,
+                                 describe(kind, step, microbatch))
+
+    def recv_frame(self, *, timeout_s: float | None = None,
+                   out: np.ndarray | None = None) -> Frame:
+        return self.inner.recv_frame(timeout_s=timeout_s, out=out)
+
+    def fileno(self) -> int:
+        return self.inner.fileno()
+
+    def close(self) -> None:
+        self.inner.close()
