@@ -2,7 +2,9 @@
 
 ``PIPETRAIN_TEST_FAULT`` holds a JSON object such as ``{"stage": 1, "step": 3, "kind": "raise"}``.
 Kinds: ``raise`` (an exception in the stage), ``exit`` (``os._exit(3)`` without a word),
-``hang`` (stop responding), ``perturb`` (a wrong gradient: the harness must catch it).
+``hang`` (stop responding), ``perturb`` (a wrong gradient), ``leak_fd`` (open files never
+closed), ``leak_child`` (an orphan process): the last three are planted bugs the harness must
+catch.
 Absent variable, no effect: production runs never see these paths.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
 import threading
 import time
 from typing import Any
@@ -18,6 +21,7 @@ from typing import Any
 import numpy as np
 
 ENV = "PIPETRAIN_TEST_FAULT"
+LEAKED_FDS = 50
 # Seconds every stage sleeps before each step: a stand-in for a heavy model, so that tests can
 # signal a run in the middle of its steps without training a big network on 2 cores.
 DELAY_ENV = "PIPETRAIN_TEST_STEP_DELAY_S"
@@ -46,6 +50,15 @@ def loader_delay(fault: dict[str, Any] | None = None):
     return delay
 
 
+CHECKPOINT_DELAY_ENV = "PIPETRAIN_TEST_CHECKPOINT_DELAY_S"
+
+
+def checkpoint_delay() -> None:
+    delay = float(os.environ.get(CHECKPOINT_DELAY_ENV) or 0)
+    if delay > 0:
+        time.sleep(delay)
+
+
 def step_delay() -> None:
     delay = float(os.environ.get(DELAY_ENV) or 0)
     if delay > 0:
@@ -72,6 +85,13 @@ def trigger(fault: dict[str, Any], where: str) -> None:
         os._exit(3)
     if kind == "hang":
         threading.Event().wait()
+    if kind == "leak_fd":  # a bug the harness's leak check must catch
+        for _ in range(LEAKED_FDS):
+            os.open(os.devnull, os.O_RDONLY)
+    if kind == "leak_child":  # an orphan that outlives the run, for the same reason
+        subprocess.Popen(["sleep", "300"], start_new_session=True,  # noqa: S603,S607
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
 
 
 def perturb(stage: Any, digests: list[str]) -> list[str]:

@@ -281,6 +281,7 @@ class Worker:
             reply["file"], reply["sha256"] = checkpoint.write_segment(
                 directory, stage.index, stage.params, stage.optimizer.state_dict()
             )
+        testhooks.checkpoint_delay()  # widens the write window for crash-during-write tests
         self.reply(reply)
 
     def serve(self) -> int:
