@@ -50,6 +50,15 @@ def loader_delay(fault: dict[str, Any] | None = None):
     return delay
 
 
+PLANTED_ENV = "PIPETRAIN_TEST_PLANTED_BUG"
+
+
+def planted(name: str) -> bool:
+    """A bug planted on purpose (``python -m harness fuzz --plant NAME`` must find it):
+    ``stale_restart`` makes stage 0 forget its optimizer state when the group restarts."""
+    return os.environ.get(PLANTED_ENV) == name
+
+
 CHECKPOINT_DELAY_ENV = "PIPETRAIN_TEST_CHECKPOINT_DELAY_S"
 
 

@@ -1,0 +1,101 @@
+"""``python -m harness run|list|fuzz``: the scenario harness's command line.
+
+Exit status: 0 when every expectation held, 1 when a scenario failed (its reproduce command is
+printed), 2 for bad usage or a bad scenario file (one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from harness.faults.base import FaultError
+from harness.scenario import ScenarioError, load_all, load_scenario
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_SCENARIOS = REPO / "scenarios"
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m harness", description="pipetrain's scenario harness")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = commands.add_parser("run", help="run scenario files; exit 0 iff every one held")
+    run.add_argument("paths", nargs="+", type=Path)
+    run.add_argument("--seed", type=int, help="override each scenario's seed")
+    run.add_argument("--report-dir", type=Path, default=Path("reports"))
+    listing = commands.add_parser("list", help="the scenarios in a directory")
+    listing.add_argument("directory", nargs="?", type=Path, default=DEFAULT_SCENARIOS)
+    fuzz = commands.add_parser("fuzz", help="random fault plans; failures saved as scenarios")
+    fuzz.add_argument("--seconds", type=float, required=True)
+    fuzz.add_argument("--seed", type=int, default=0)
+    fuzz.add_argument("--report-dir", type=Path, default=Path("reports/fuzz"))
+    fuzz.add_argument("--save-dir", type=Path, default=DEFAULT_SCENARIOS / "found")
+    fuzz.add_argument("--plant", help="switch on a planted system bug the fuzzer should find")
+    return parser
+
+
+def command_run(args: argparse.Namespace) -> int:
+    from harness.report import summary_table
+    from harness.runner import run_scenario
+
+    scenarios = []
+    for path in args.paths:
+        scenarios += load_all(path) if path.is_dir() else [load_scenario(path)]
+    rows, failed = [], []
+    for scenario in scenarios:
+        print(f"== {scenario.name}: {scenario.description}", flush=True)
+        verdict, results, report, reproduce = run_scenario(
+            scenario, report_dir=args.report_dir, seed=args.seed
+        )
+        rows.append(report.get("summary", {"scenario": scenario.name, "verdict": verdict}))
+        for result in results:
+            if result.status != "valid":
+                print(f"   {result.status}: {result.name}: {result.message}")
+        if verdict != "valid":
+            failed.append(reproduce)
+    print(summary_table(rows))
+    print(f"reports: {args.report_dir}")
+    for reproduce in failed:
+        print(f"reproduce: {reproduce}")
+    return 1 if failed else 0
+
+
+def command_list(args: argparse.Namespace) -> int:
+    for scenario in load_all(args.directory):
+        print(f"{scenario.name:32} {scenario.description}")
+    return 0
+
+
+def command_fuzz(args: argparse.Namespace) -> int:
+    from harness.fuzz import fuzz
+
+    return fuzz(seconds=args.seconds, seed=args.seed, report_dir=args.report_dir,
+                save_dir=args.save_dir, plant=args.plant)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        handler = {"run": command_run, "list": command_list, "fuzz": command_fuzz}
+        return handler[args.command](args)
+    except (UsageError, ScenarioError, FaultError) as exc:
+        print(f"harness: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("harness: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

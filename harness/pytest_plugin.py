@@ -1,0 +1,59 @@
+"""Collects scenario files as pytest items: ``pytest -p harness.pytest_plugin scenarios/``.
+
+Each ``*.toml`` under the given paths becomes one test that runs the scenario and fails with the
+failed checks and the command that reproduces it. With pytest-xdist, scenarios run in parallel;
+reference runs are cached under the report directory and shared between workers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--report-dir", default="reports", help="where scenario reports go")
+
+
+def pytest_collect_file(parent: pytest.Collector, file_path: Path):
+    # scenarios/found/ holds what `fuzz` saved: failures to reproduce and fix, run on purpose
+    # (`python -m harness run scenarios/found/...`), not part of the suite until fixed.
+    if file_path.suffix == ".toml" and "found" not in file_path.parent.parts[-1:]:
+        return ScenarioFile.from_parent(parent, path=file_path)
+    return None
+
+
+class ScenarioFile(pytest.File):
+    def collect(self):
+        from harness.scenario import load_scenario
+
+        scenario = load_scenario(self.path)
+        yield ScenarioItem.from_parent(self, name=scenario.name, scenario=scenario)
+
+
+class ScenarioFailed(Exception):
+    pass
+
+
+class ScenarioItem(pytest.Item):
+    def __init__(self, *, scenario, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.scenario = scenario
+
+    def runtest(self) -> None:
+        from harness.runner import run_scenario
+
+        report_dir = Path(self.config.getoption("--report-dir"))
+        verdict, results, _report, reproduce = run_scenario(self.scenario, report_dir=report_dir)
+        if verdict != "valid":
+            lines = [f"{r.status}: {r.name}: {r.message}" for r in results if r.status != "valid"]
+            raise ScenarioFailed("\n".join([*lines, f"reproduce: {reproduce}"]))
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, ScenarioFailed):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style=style)
+
+    def reportinfo(self):
+        return self.path, 0, f"scenario {self.scenario.name}"
