@@ -194,8 +194,11 @@ class ScenarioRun:
                 status = proc.poll()
                 if status is not None:
                     tail.poll()
-                    if (status == 0 and self.scenario.resume_after_stop
-                            and self._state() == "stopped" and launches <= MAX_RESUMES):
+                    # resume_after_stop: a run that ended unfinished (stopped on request, or its
+                    # coordinator killed) is continued with --resume, as an operator would.
+                    unfinished = self._state() not in ("done", "failed", None)
+                    if (self.scenario.resume_after_stop and unfinished and status <= 0
+                            and launches <= MAX_RESUMES):
                         launches += 1
                         proc = self.launch(resume=True)
                         monitor.add_root(proc.pid)

@@ -17,6 +17,7 @@ def _register() -> None:
     from harness.faults import (  # noqa: PLC0415 - one place lists every kind
         checkpoint_crash,
         corrupt,
+        damage_checkpoint,
         delay,
         fd_pressure,
         freeze,
@@ -29,7 +30,7 @@ def _register() -> None:
     )
 
     for module in (kill, freeze, delay, throttle, corrupt, sever, signal_storm, slow_loader,
-                   checkpoint_crash, fd_pressure, planted_bug):
+                   checkpoint_crash, damage_checkpoint, fd_pressure, planted_bug):
         FAULTS[module.FAULT.kind] = module.FAULT
 
 
