@@ -27,7 +27,7 @@ from system.workload import Workload, accuracy, prepare
 EXIT_OK, EXIT_FAILED, EXIT_ABORTED = 0, 1, 130
 STATE_UPDATE_INTERVAL_S = 0.5
 # Per-stage timings a step event carries, one dict per stage in stage order.
-METRIC_KEYS = ("compute_s", "wait_data_s", "wait_neighbours_s", "loader_depth")
+METRIC_KEYS = ("compute_s", "wait_data_s", "wait_neighbours_s", "allreduce_s", "loader_depth")
 
 
 def evaluate(params, config: TrainConfig, workload: Workload) -> float:

@@ -106,6 +106,8 @@ def _load_csv(path: Path) -> Dataset:
 
 def _parse_feature(path: Path, line: int, column: str, cell: str) -> float:
     try:
+        if not cell.isascii():  # float() takes full-width and other Unicode digits: refuse
+            raise ValueError(cell)
         value = float(cell)
     except ValueError:
         raise DataError(
@@ -119,6 +121,8 @@ def _parse_feature(path: Path, line: int, column: str, cell: str) -> float:
 def _parse_label(path: Path, line: int, cell: str) -> int:
     text = cell.strip()
     try:
+        if not text.isascii():
+            raise ValueError(text)
         label = int(text)
     except ValueError:
         raise DataError(
