@@ -39,7 +39,7 @@ from system.config import TrainConfig
 from system.control import SignalControl
 from system.digest import combine
 from system.nn import parameter_names
-from system.partition import layer_costs, partition
+from system.partition import layer_costs, measured_layer_costs, partition
 from system.protocol import Kind, ProtocolError, decode_json, encode_json
 from system.rundir import RunDir
 from system.schedule import build as build_schedule
@@ -94,7 +94,12 @@ class Coordinator:
         self.config = config
         self.run = run
         self.signals = signals
-        self.bounds = partition(layer_costs(list(config.layers)), config.stages)
+        if config.balance == "time":
+            microbatch = max(1, config.batch_size // (config.replicas * config.microbatches))
+            costs = measured_layer_costs(list(config.layers), microbatch, config.dtype)
+        else:
+            costs = layer_costs(list(config.layers))
+        self.bounds = partition(costs, config.stages)
         schedule = build_schedule(config.schedule, config.stages, config.microbatches)
         validate_schedule(schedule, config.stages, config.microbatches)
         self.workers: list[WorkerHandle] = []
