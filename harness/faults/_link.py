@@ -13,7 +13,7 @@ import json
 import re
 from typing import Any, ClassVar
 
-from harness.faults._settings import setting
+from harness.faults._settings import refuse, setting
 from harness.faults.base import Context, Fault, FaultError, Launch
 from system.linkfaults import ENV
 
@@ -28,10 +28,8 @@ class LinkFault(Fault):
 
     def __init__(self, table: dict[str, Any], *, where: str = "fault") -> None:
         super().__init__(table, where=where)
-        for key in ("duration_s", "after_checkpoint"):
-            if key in table:
-                raise FaultError(f"{where}: {key} cannot place a {self.kind} fault (the link "
-                                 f"shim counts steps); use at_step and for_steps")
+        refuse(self, ("duration_s", "after_checkpoint"),
+               "the link shim counts steps; use at_step and for_steps")
         match = LINK_PATTERN.fullmatch(table["link"])
         if not match or abs(int(match[1]) - int(match[2])) != 1:
             raise FaultError(f"{where}: link = {table['link']!r} is not a link between "

@@ -18,3 +18,10 @@ def setting(fault: Fault, key: str, default: Any, *, minimum: float,
         relation = ">" if exclusive else ">="
         raise FaultError(f"{fault.where}: {key} must be {relation} {minimum}, got {value}")
     return value
+
+
+def refuse(fault: Fault, keys: tuple[str, ...], why: str) -> None:
+    """Refuse common keys a kind cannot honour, rather than ignore them silently."""
+    for key in keys:
+        if key in fault.table:
+            raise FaultError(f"{fault.where}: kind {fault.kind!r} does not take {key!r}: {why}")

@@ -31,7 +31,7 @@ STOPPING = WORKER_STOPS  # signals after which the target needs a SIGCONT
 def parse_signal(fault: Fault, key: str, name: Any) -> signal.Signals:
     try:
         return signal.Signals[name]
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: not even a string (a TOML table, a list)
         raise FaultError(f"{fault.where}: {key} = {name!r} is not a signal name "
                          f"(for example 'SIGKILL')") from None
 

@@ -4,12 +4,15 @@ possible), to one process; by default SIGUSR1 (checkpoint requests) to the coord
 The contract says any number of signals in any order at any rate leaves the run correct; this
 kind is how that is tested. One owned thread sends them; it ends by itself after ``count``
 signals or when the target is gone, and heal stops and joins it. A storm holding a stop signal
-(SIGTSTP, ...) ends with a SIGCONT, both when the thread finishes and again at heal, so the
-run is never left paused.
+(SIGTSTP, ...) ends with a SIGCONT at heal, so the run is never left paused: with
+``duration_s`` the target stays paused until then (a timed pause); without it the thread sends
+that SIGCONT itself as soon as it is done, because a paused run makes no progress, so neither
+``for_steps`` nor the end of the run would ever come to heal it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -18,7 +21,13 @@ from typing import Any
 
 from harness.faults._settings import setting
 from harness.faults._signals import (
-    STOPPING, OwnedThread, check_target, parse_signal, resolve, send, worker_restarts,
+    STOPPING,
+    OwnedThread,
+    check_target,
+    parse_signal,
+    resolve,
+    send,
+    worker_restarts,
 )
 from harness.faults.base import Context, Fault, FaultError
 from system.control import HANDLED
@@ -64,14 +73,9 @@ class SignalStorm(Fault):
             self.sent += 1
             if interval_s:  # pace against the start, so slow sends do not lower the rate
                 stopping.wait(max(0.0, started + (index + 1) * interval_s - time.monotonic()))
-        self._continue()
-
-    def _continue(self) -> None:
-        if self.pid is not None and STOPPING.intersection(self.signals):
-            try:
+        if self.duration_s is None and STOPPING.intersection(self.signals):
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
 
     def heal(self, ctx: Context) -> None:
         if self.thread is None:

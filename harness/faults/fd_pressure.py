@@ -1,0 +1,40 @@
+"""fd_pressure: the run's whole process tree may hold at most ``max_open_files`` descriptors
+(RLIMIT_NOFILE, soft and hard). Whether that is enough depends on the run's shape, so the
+outcome (a clean finish or a clear error) is left to the scenario's expectations."""
+
+from __future__ import annotations
+
+import resource
+from typing import Any
+
+from harness.faults._settings import refuse, setting
+from harness.faults.base import Context, Fault, FaultError, Launch
+
+MIN_OPEN_FILES = 16  # below this not even the interpreter starts reliably
+
+
+class FdPressure(Fault):
+    kind = "fd_pressure"
+    params = {"max_open_files": int}
+    required = ("max_open_files",)
+
+    def __init__(self, table: dict[str, Any], *, where: str = "fault") -> None:
+        super().__init__(table, where=where)
+        refuse(self, ("at_step", "after_checkpoint", "duration_s", "for_steps"),
+               "the limit holds for the whole run")
+        self.max_open_files = setting(self, "max_open_files", None, minimum=MIN_OPEN_FILES)
+
+    def prepare(self, launch: Launch) -> None:
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and self.max_open_files > hard:
+            raise FaultError(f"{self.where}: max_open_files = {self.max_open_files} is above "
+                             f"this machine's hard limit {hard}, which only root may raise")
+        limit = (self.max_open_files, self.max_open_files)
+        launch.rlimits[resource.RLIMIT_NOFILE] = limit
+
+    def invoke(self, ctx: Context) -> None:
+        ctx.history.record("fault_in_system", fault=self.describe(), rlimit="RLIMIT_NOFILE",
+                           max_open_files=self.max_open_files)
+
+
+FAULT = FdPressure
