@@ -104,6 +104,7 @@ class ScenarioRun:
         if resume:
             args.append("--resume")
         env = repo_env()
+        env.update(self.baseline.env())  # a token every descendant inherits: finds orphans
         if self.scenario.step_delay_s:
             env["PIPETRAIN_TEST_STEP_DELAY_S"] = str(self.scenario.step_delay_s)
         launch = Launch(args=args, env=env)
@@ -174,7 +175,7 @@ class ScenarioRun:
         (self.work_dir / "train.toml").write_text(scenario_to_toml(self.scenario.train))
         ctx = Context(self.run_dir, Target(self.run_dir, self.rng), self.history, self.rng,
                       progress=lambda: self.step)
-        baseline = Baseline.capture()
+        baseline = self.baseline = Baseline.capture()
         tail = EventTail(self.run_dir / "events.jsonl")
         started = time.monotonic()
         deadline = started + self.scenario.timeout_s
@@ -230,7 +231,10 @@ class ScenarioRun:
         reference_dir = None
         expect = self.scenario.expect
         if expect.equivalence != "none" and expect.exit_status == 0:
-            reference_dir = ensure_reference(self.scenario.train, self.cache_dir)
+            try:
+                reference_dir = ensure_reference(self.scenario.train, self.cache_dir)
+            except RuntimeError as exc:  # the equivalence check will answer "unknown"
+                self.history.record("reference_error", error=str(exc))
         outcome = RunOutcome(
             scenario=self.scenario, run_dir=self.run_dir, exit_status=status, stderr=stderr,
             wall_s=wall_s, history=self.history, monitor_samples=monitor.samples,

@@ -104,8 +104,10 @@ def trigger(fault: dict[str, Any], where: str) -> None:
 
 
 def perturb(stage: Any, digests: list[str]) -> list[str]:
-    """Nudge one gradient element by one ulp before the update: a silent, tiny wrong result."""
+    """Nudge the largest gradient element by a millionth before the update, after the digest
+    was taken: a silent, tiny wrong result that only the final parameters reveal."""
     grad = next(iter(stage.segment.grads().values()))
     flat = grad.reshape(-1)
-    flat[0] = np.nextafter(flat[0], np.inf)
+    position = int(np.argmax(np.abs(flat)))
+    flat[position] += max(abs(float(flat[position])) * 1e-6, 1e-12)
     return digests

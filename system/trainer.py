@@ -10,7 +10,6 @@ checkpoint is consistent: all stages hold the parameters of the same step.
 from __future__ import annotations
 
 import os
-import select
 import sys
 import time
 from pathlib import Path
@@ -87,18 +86,12 @@ class TrainingRun:
         self.run.emit("paused", step=step)
         self.run.update_state(state="paused", step=step)
         self.progress.message(f"paused at step {step} (SIGCONT or `pipetrain resume` to go on)")
-        poller = select.poll()
-        poller.register(self.signals.fileno(), select.POLLIN)
-        by_fd = {w.control.fileno(): w for w in self.coordinator.workers}
-        for fd in by_fd:
-            poller.register(fd, select.POLLIN)
-        while requests.paused and not requests.stop:
-            for fd, _ in poller.poll():
-                if fd in by_fd:  # a worker spoke or died while idle: either way, a failure
-                    message = self.coordinator.receive(by_fd[fd])
-                    raise WorkerFailed(f"{by_fd[fd].role} sent {message.get('event')} while "
-                                       "paused")
-                self.coordinator.check_signals()
+        def unexpected(worker, message) -> None:
+            raise WorkerFailed(f"{worker.role} sent {message.get('event')} while paused")
+
+        # The same wait as during a step: heartbeats keep arriving and are absorbed, a worker
+        # that dies or goes silent while paused is still a failure, signals wake us at once.
+        self.coordinator.pump(unexpected, lambda: not requests.paused or requests.stop)
         requests.paused = False
         self.run.emit("resumed", step=step)
         self.run.update_state(state="running")
