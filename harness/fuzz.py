@@ -45,9 +45,9 @@ def _draw_fault(rng: random.Random, stages: int, replicas: int) -> dict[str, Any
     at_step = rng.randint(2, 40)
     stage = rng.randrange(stages)
     target = f"stage:{stage}:replica:{rng.randrange(replicas)}"
-    menu = ["kill", "freeze", "signal_storm", "delay"]
-    if stages > 1:
-        menu += ["corrupt", "sever"]
+    menu = ["kill", "freeze", "signal_storm"]
+    if stages > 1:  # link faults need a link
+        menu += ["delay", "corrupt", "sever"]
     kind = rng.choice(menu)
     if kind == "kill":
         return {"kind": "kill", "target": target, "at_step": at_step,
