@@ -179,8 +179,14 @@ def run(argv: list[str] | None = None) -> int:
 
             status = run_reference(config, run_dir, quiet=args.quiet)
         else:
+            from system.control import HANDLED
             from system.trainer import run_training
 
+            # Outside the run's own handling (installed first thing in run_training and
+            # restored when it returns) a late control signal must not kill or stop the
+            # process on its way out: its work is done, the exit status must stand.
+            for sig in HANDLED:
+                signal.signal(sig, signal.SIG_IGN)
             status = run_training(config, run_dir, quiet=args.quiet, resume=args.resume)
     if not args.quiet:
         print(f"run directory: {run_dir}")

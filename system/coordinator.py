@@ -89,6 +89,10 @@ def _child_env(config: TrainConfig) -> dict[str, str]:
 
 
 class Coordinator:
+    # Whether a failed worker group can be replaced in place (--max-restarts). Processes this
+    # coordinator spawned can; MPI ranks cannot (system.mpi_launch: the launcher restarts).
+    restartable = True
+
     def __init__(self, config: TrainConfig, run: RunDir,
                  signals: SignalControl | None = None) -> None:
         self.config = config
@@ -154,8 +158,7 @@ class Coordinator:
                start_step: int) -> WorkerHandle:
         to_child_r, to_child_w = open_pipe()
         from_child_r, from_child_w = open_pipe()
-        suffix = f"-replica-{replica}" if self.config.replicas > 1 else ""
-        log_path = self.run.path / "logs" / f"stage-{index}{suffix}.log"
+        log_path = self.log_path(index, replica)
         try:
             with open(log_path, "ab") as log:
                 process = subprocess.Popen(
@@ -169,7 +172,20 @@ class Coordinator:
         control = PipeChannel(from_child_r, to_child_w, name=f"control of stage {index}")
         handle = WorkerHandle(index, layers, process, control, log_path, replica=replica,
                               replicated=self.config.replicas > 1)
-        self.send(handle, {
+        self.send(handle, self.init_message(index, replica, layers, fds, resume_from,
+                                            start_step))
+        return handle
+
+    def log_path(self, index: int, replica: int) -> Path:
+        suffix = f"-replica-{replica}" if self.config.replicas > 1 else ""
+        return self.run.path / "logs" / f"stage-{index}{suffix}.log"
+
+    def init_message(self, index: int, replica: int, layers: tuple[int, int],
+                     fds: dict[str, int], resume_from: Path | None,
+                     start_step: int) -> dict[str, Any]:
+        """What a worker is told first: who it is, its links (``fds``: pipe fds here, peer
+        ranks under MPI) and where training starts."""
+        return {
             "cmd": "init", "config": self.config.to_json(), "stage": index, "replica": replica,
             "num_stages": self.config.stages, "layers": list(layers), "fds": fds,
             "op_timeout_s": self.op_timeout_s,
@@ -178,8 +194,7 @@ class Coordinator:
             "start_step": start_step,
             "heartbeat_interval_s": min(1.0, self.config.heartbeat_timeout / 5),
             "heartbeat_timeout_s": self.config.heartbeat_timeout,
-        })
-        return handle
+        }
 
     def shutdown(self, *, graceful: bool = True) -> list[WorkerHandle]:
         """Stop every worker, reap it and close its pipes; returns the handles, now exited.
@@ -251,8 +266,8 @@ class Coordinator:
         if self.signals is not None:
             poller.register(self.signals.fileno(), select.POLLIN)
         while not done():
-            self._check_heartbeats()
-            for fd, _ in poller.poll(self._heartbeat_poll_ms()):
+            ready = poller.poll(self._heartbeat_poll_ms())
+            for fd, _ in ready:
                 if fd not in by_fd:
                     self.check_signals()
                     continue
@@ -267,6 +282,9 @@ class Coordinator:
                         raise self._root_cause(worker)
                     raise self._failure(worker, worker.last_error or "unknown error")
                 handle(worker, message)
+            # Only workers with nothing waiting in their pipe can be silent: messages queued
+            # while this loop was busy elsewhere are read first, so they never count as silence.
+            self._check_heartbeats(skip={fd for fd, _ in ready})
 
     def _root_cause(self, reporter: WorkerHandle) -> WorkerFailed:
         """A worker lost a neighbour's pipe: blame the neighbour that died, if one did.
@@ -304,9 +322,12 @@ class Coordinator:
         remaining = oldest + self.config.heartbeat_timeout - time.monotonic()
         return max(10, int(remaining * 1000) + 10)
 
-    def _check_heartbeats(self) -> None:
+    def _check_heartbeats(self, skip: set[int] = frozenset()) -> None:
         now = time.monotonic()
-        for worker in self.workers:
+        # When several are silent, the one silent longest is the likeliest cause.
+        for worker in sorted(self.workers, key=lambda w: w.last_seen):
+            if worker.control.fileno() in skip:
+                continue
             silent_s = now - worker.last_seen
             if silent_s > self.config.heartbeat_timeout:
                 raise self._failure(

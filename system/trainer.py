@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from system import checkpoint
@@ -27,6 +28,8 @@ EXIT_OK, EXIT_FAILED, EXIT_ABORTED = 0, 1, 130
 STATE_UPDATE_INTERVAL_S = 0.5
 # Per-stage timings a step event carries, one dict per stage in stage order.
 METRIC_KEYS = ("compute_s", "wait_data_s", "wait_neighbours_s", "allreduce_s", "loader_depth")
+# Builds the coordinator from (config, run directory, signals): Coordinator, or an MPI one.
+CoordinatorFactory = Callable[[TrainConfig, RunDir, SignalControl], Coordinator]
 
 
 def evaluate(params, config: TrainConfig, workload: Workload) -> float:
@@ -54,13 +57,14 @@ def resume_point(run: RunDir, config: TrainConfig) -> checkpoint.Manifest | None
 
 class TrainingRun:
     def __init__(self, config: TrainConfig, run: RunDir, signals: SignalControl,
-                 workload: Workload, progress: Progress) -> None:
+                 workload: Workload, progress: Progress,
+                 coordinator_factory: CoordinatorFactory = Coordinator) -> None:
         self.config = config
         self.run = run
         self.signals = signals
         self.workload = workload
         self.progress = progress
-        self.coordinator = Coordinator(config, run, signals)
+        self.coordinator = coordinator_factory(config, run, signals)
         self.last_checkpoint_step: int | None = None
         self.step = 0
         self.restarts = 0
@@ -134,6 +138,11 @@ class TrainingRun:
             except WorkerFailed as exc:
                 failed_at = time.monotonic()
                 self.report_exits(self.coordinator.shutdown(graceful=False))
+                if not self.coordinator.restartable:  # MPI: the launcher's loop restarts
+                    raise WorkerFailed(
+                        f"{exc} (--transport {self.config.transport} does not restart ranks in "
+                        "place: run the same command with --resume to continue from the "
+                        "newest checkpoint)") from exc
                 if self.restarts >= self.config.max_restarts:
                     raise WorkerFailed(
                         f"{exc} (after {self.restarts} restart(s); --max-restarts is "
@@ -211,43 +220,53 @@ class TrainingRun:
 
 
 def run_training(config: TrainConfig, run_dir: Path, *, quiet: bool = False,
-                 resume: bool = False) -> int:
-    workload = prepare(config)
-    progress = Progress(workload.total_steps, quiet=quiet)
-    with RunDir(run_dir) as run, signal_control() as signals:
-        checkpoint.remove_stale_temporaries(run.checkpoints)
-        manifest = resume_point(run, config) if resume else None
-        start_step = manifest.step if manifest else 0
-        training = TrainingRun(config, run, signals, workload, progress)
-        coordinator = training.coordinator
-        run.update_state(
-            command="train", state="starting", config=config.to_json(),
-            config_digest=config.math_digest(), coordinator_pid=os.getpid(), worker_pids=[],
-            step=start_step, epoch=start_step // workload.steps_per_epoch,
-            total_steps=workload.total_steps, segments=[list(b) for b in coordinator.bounds],
-        )
-        try:
-            if manifest is not None:
-                training.last_checkpoint_step = manifest.step
-            training.step = start_step
-            outcome = training.supervise(start_step, manifest.path if manifest else None)
-            if outcome == "done":
-                save_params(run.path / "final.npz", coordinator.gather_params())
-            run.emit("run_end", status=outcome, step=training.step)
-            run.update_state(state=outcome, step=training.step)
-            progress.message(f"run {outcome}")
-            return EXIT_OK
-        except WorkerFailed as exc:
-            message = f"run failed: {exc}"
-            run.emit("error", message=message)
-            run.emit("run_end", status="failed")
-            run.update_state(state="failed", error=message)
-            print(f"pipetrain: {message}", file=sys.stderr)
-            return EXIT_FAILED
-        except Aborted:
-            run.emit("run_end", status="aborted")
-            run.update_state(state="aborted")
-            print("pipetrain: aborted (second interrupt); no checkpoint written", file=sys.stderr)
-            return EXIT_ABORTED
-        finally:
-            training.report_exits(coordinator.shutdown())
+                 resume: bool = False,
+                 coordinator_factory: CoordinatorFactory = Coordinator) -> int:
+    """The run; ``coordinator_factory`` builds the coordinator (``system.mpi_launch`` passes
+    one whose workers are MPI ranks instead of child processes)."""
+    with signal_control() as signals:
+        workload = prepare(config)  # bad data is refused before any run directory exists
+        progress = Progress(workload.total_steps, quiet=quiet)
+        with RunDir(run_dir) as run:
+            return _run(config, run, signals, workload, progress, resume, coordinator_factory)
+
+
+def _run(config: TrainConfig, run: RunDir, signals: SignalControl, workload: Workload,
+     progress: Progress, resume: bool,
+     coordinator_factory: CoordinatorFactory = Coordinator) -> int:
+    checkpoint.remove_stale_temporaries(run.checkpoints)
+    manifest = resume_point(run, config) if resume else None
+    start_step = manifest.step if manifest else 0
+    training = TrainingRun(config, run, signals, workload, progress, coordinator_factory)
+    coordinator = training.coordinator
+    run.update_state(
+        command="train", state="starting", config=config.to_json(),
+        config_digest=config.math_digest(), coordinator_pid=os.getpid(), worker_pids=[],
+        step=start_step, epoch=start_step // workload.steps_per_epoch,
+        total_steps=workload.total_steps, segments=[list(b) for b in coordinator.bounds],
+    )
+    try:
+        if manifest is not None:
+            training.last_checkpoint_step = manifest.step
+        training.step = start_step
+        outcome = training.supervise(start_step, manifest.path if manifest else None)
+        if outcome == "done":
+            save_params(run.path / "final.npz", coordinator.gather_params())
+        run.emit("run_end", status=outcome, step=training.step)
+        run.update_state(state=outcome, step=training.step)
+        progress.message(f"run {outcome}")
+        return EXIT_OK
+    except WorkerFailed as exc:
+        message = f"run failed: {exc}"
+        run.emit("error", message=message)
+        run.emit("run_end", status="failed")
+        run.update_state(state="failed", error=message)
+        print(f"pipetrain: {message}", file=sys.stderr)
+        return EXIT_FAILED
+    except Aborted:
+        run.emit("run_end", status="aborted")
+        run.update_state(state="aborted")
+        print("pipetrain: aborted (second interrupt); no checkpoint written", file=sys.stderr)
+        return EXIT_ABORTED
+    finally:
+        training.report_exits(coordinator.shutdown())

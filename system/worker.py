@@ -40,7 +40,7 @@ from system.inbox import CONTROL_SIGNALS, Inbox, InboxFailure, PeerClosed, Recei
 from system.protocol import Kind, ProtocolError, decode_json, encode_json
 from system.schedule import build as build_schedule
 from system.stage import DOWNSTREAM, UPSTREAM, Stage
-from system.transport import ChannelClosed, PipeChannel
+from system.transport import Channel, ChannelClosed, PipeChannel
 from system.workload import augmentation, prepare
 
 PR_SET_PDEATHSIG = 1
@@ -60,15 +60,16 @@ def die_with_parent() -> None:
 
 
 class Worker:
-    def __init__(self, control: PipeChannel) -> None:
+    def __init__(self, control: Channel) -> None:
         self.control = control
         self.control_lock = threading.Lock()  # the main thread and the heartbeat thread reply
         self.inbox = Inbox()
         self.terminate = False
         self.last_alive = time.monotonic()
         self.stopping = threading.Event()  # ends the heartbeat thread
+        self.sending = False  # the main thread is blocked writing to a neighbour
         self.heartbeat_thread: threading.Thread | None = None
-        self.channels: dict[str, PipeChannel] = {}
+        self.channels: dict[str, Channel] = {}
         self.receivers: Receivers | None = None
         self.stage: Stage | None = None
         self.loader: Loader | None = None
@@ -92,8 +93,12 @@ class Worker:
     def _heartbeat(self, interval_s: float, timeout_s: float) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
         while not self.stopping.wait(interval_s):
-            if time.monotonic() - self.last_alive > timeout_s:
-                continue  # the main thread is stuck: let the coordinator notice the silence
+            stuck = time.monotonic() - self.last_alive > timeout_s
+            if stuck and not self.sending:
+                # The main thread is stuck in its own work: let the coordinator notice the
+                # silence. Blocked sending to a neighbour is waiting, not hanging: the
+                # neighbour that does not read is the one whose heartbeat stops.
+                continue
             try:
                 self.reply({"event": "heartbeat"})
             except Exception:  # noqa: BLE001 - the coordinator is gone; the main thread will see
@@ -142,20 +147,22 @@ class Worker:
             (UPSTREAM, index - 1, ("up_in", "up_out")),
             (DOWNSTREAM, index + 1, ("down_in", "down_out")),
         ):
-            if read_key not in fds:
+            channel = self.open_link(fds, read_key, write_key, direction)
+            if channel is None:
                 continue
-            channel = PipeChannel(fds[read_key], fds[write_key], name=direction)
             self.receivers.start(direction, channel)
             plan = linkfaults.plan_for(index, neighbour, replica, generation)
+            # Link faults are a shim on real pipes (the harness's); other transports run clean.
             self.channels[direction] = (
-                linkfaults.FaultyChannel(channel, plan, seed=config.seed) if plan else channel
+                linkfaults.FaultyChannel(channel, plan, seed=config.seed)
+                if plan and isinstance(channel, PipeChannel) else channel
             )
         for direction, (read_key, write_key) in ((PREV_REPLICA, ("prev_in", "prev_out")),
                                                  (NEXT_REPLICA, ("next_in", "next_out"))):
-            if read_key in fds:
-                self.channels[direction] = PipeChannel(fds[read_key], fds[write_key],
-                                                       name=direction)
-                self.receivers.start(direction, self.channels[direction])
+            channel = self.open_link(fds, read_key, write_key, direction)
+            if channel is not None:
+                self.channels[direction] = channel
+                self.receivers.start(direction, channel)
         if message.get("resume_from"):
             manifest = checkpoint.verify(Path(message["resume_from"]))
             params, optim = checkpoint.load_state(manifest, self.stage.names)
@@ -164,6 +171,14 @@ class Worker:
             self.stage.load_state(params, optim)
         if self.replicas > 1:
             self.sync_weights()
+
+    def open_link(self, fds: dict[str, int], read_key: str, write_key: str,
+                  name: str) -> Channel | None:
+        """The channel to one neighbour, or None if this stage has no such neighbour. Here a
+        pair of pipe fds; ``system.mpi_launch.MpiWorker`` opens MPI channels instead."""
+        if read_key not in fds:
+            return None
+        return PipeChannel(fds[read_key], fds[write_key], name=name)
 
     # -- commands ----------------------------------------------------------------------------
 
@@ -177,14 +192,23 @@ class Worker:
             )
         return frame.array
 
+    def send_to(self, direction: str, kind: Kind, step: int, index: int,
+                data: np.ndarray) -> None:
+        self.sending = True
+        try:
+            self.channels[direction].send_frame(kind, step, index, data,
+                                                timeout_s=self.op_timeout_s)
+        finally:
+            self.sending = False
+            self.alive()
+
     def _neighbours(self, kind: Kind, step: int) -> dict[str, Any]:
         """Send/receive callables for the all-reduce chain among this stage's replicas."""
         def sender(direction: str):
             channel = self.channels.get(direction)
             if channel is None:
                 return None
-            return lambda index, data: channel.send_frame(kind, step, index, data,
-                                                          timeout_s=self.op_timeout_s)
+            return lambda index, data: self.send_to(direction, kind, step, index, data)
 
         def receiver(direction: str):
             if direction not in self.channels:
@@ -235,10 +259,8 @@ class Worker:
             self.alive()
             outgoing = stage.execute(action, received)
             if outgoing is not None:
-                self.channels[outgoing.direction].send_frame(
-                    outgoing.kind, step, outgoing.microbatch, outgoing.array,
-                    timeout_s=self.op_timeout_s,
-                )
+                self.send_to(outgoing.direction, outgoing.kind, step, outgoing.microbatch,
+                             outgoing.array)
         if self.replicas > 1:
             wait_start = time.perf_counter()
             self.allreduce_grads(step)
@@ -353,6 +375,10 @@ class Worker:
                 receivers.stop()
         for channel in self.channels.values():
             channel.close()
+        self.close_control()
+
+    def close_control(self) -> None:
+        """Close the control channel (under MPI the worker still answers on it afterwards)."""
         self.control.close()
 
 
