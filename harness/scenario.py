@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import math
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from system.config import ConfigError, TrainConfig, build_config
+from system.config import ConfigError, TrainConfig, build_config, load_toml
 
 NAME_RE = re.compile(r"[a-z0-9-]+")
 EQUIVALENCES = ("bitwise", "tolerance", "none")
@@ -83,18 +82,7 @@ class Scenario:
 
 def load_scenario(path: str | Path) -> Scenario:
     path = Path(path)
-    try:
-        with path.open("rb") as handle:
-            data = tomllib.load(handle)
-    except FileNotFoundError:
-        raise ScenarioError(f"{path}: no such scenario file") from None
-    except UnicodeDecodeError as exc:
-        raise ScenarioError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ScenarioError(f"{path}: not valid TOML ({_one_line(exc)})") from None
-    except OSError as exc:
-        raise ScenarioError(f"{path}: cannot read ({exc.strerror})") from None
-    return parse_scenario(data, path)
+    return parse_scenario(load_toml(path, error=ScenarioError, what="scenario"), path)
 
 
 def load_all(directory: str | Path) -> list[Scenario]:

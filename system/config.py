@@ -86,19 +86,22 @@ MATH_KEYS = (
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
-def load_toml(path: str | Path) -> dict[str, Any]:
+def load_toml(path: str | Path, *, error: type[Exception] = ConfigError,
+              what: str = "config") -> dict[str, Any]:
+    """A TOML file's tables; any problem is ``error`` with a one-line message naming the file."""
     path = Path(path)
     try:
         with path.open("rb") as handle:
             data = tomllib.load(handle)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
+        raise error(f"{path}: no such {what} file") from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+        raise error(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+        reason = " ".join(str(exc).split())  # TOML errors can span lines: keep one
+        raise error(f"{path}: not valid TOML ({reason})") from None
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+        raise error(f"{path}: cannot read ({exc.strerror})") from None
     return data
 
 
