@@ -83,7 +83,7 @@ def test_killed_worker_is_replaced_and_nothing_is_lost(tmp_path, reference, role
 
 def test_frozen_worker_is_detected_within_the_heartbeat_timeout(tmp_path, reference):
     run_dir = tmp_path / "train"
-    proc = start_cli("train", "--run-dir", str(run_dir), "--heartbeat-timeout", "1", *BASE,
+    proc = start_cli("train", "--run-dir", str(run_dir), "--heartbeat-timeout", "2", *BASE,
                      env=SLOW)
     try:
         wait_for(lambda: last_step(run_dir) >= 10, timeout_s=60, what="step 10")
@@ -123,7 +123,7 @@ def test_short_freeze_is_not_a_failure(tmp_path, reference):
 def test_hung_worker_main_thread_is_detected(tmp_path, reference):
     """A worker whose main thread hangs (its heartbeat thread still alive) goes silent."""
     run_dir = tmp_path / "train"
-    result = run_cli("train", "--run-dir", str(run_dir), "--heartbeat-timeout", "1", *BASE,
+    result = run_cli("train", "--run-dir", str(run_dir), "--heartbeat-timeout", "2", *BASE,
                      env=cli_env(PIPETRAIN_TEST_FAULT='{"stage": 2, "step": 12, "kind": "hang"}'))
     assert result.returncode == 0, result.stderr
     restart = next(e for e in events(run_dir) if e["event"] == "restart")
