@@ -30,7 +30,7 @@ from system.rundir import fsync_dir, write_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = 1
-_NAME = re.compile(r"^step-(\d{8})$")
+_NAME = re.compile(r"^step-(\d{8,})$")
 
 
 class CheckpointError(RuntimeError):
@@ -130,7 +130,8 @@ def find_intact(checkpoints: Path) -> tuple[Manifest | None, list[str]]:
     """The newest checkpoint that verifies, and the reasons each newer one was refused."""
     refused: list[str] = []
     candidates = sorted(
-        (p for p in checkpoints.iterdir() if p.is_dir() and _NAME.match(p.name)), reverse=True
+        (p for p in checkpoints.iterdir() if p.is_dir() and _NAME.match(p.name)),
+        key=lambda p: int(_NAME.match(p.name).group(1)), reverse=True,
     ) if checkpoints.is_dir() else []
     for path in candidates:
         try:
@@ -175,8 +176,9 @@ def config_differences(manifest: Manifest, config: dict[str, Any]) -> list[str]:
 
 
 def prune(checkpoints: Path, keep: int) -> None:
-    """Keep the newest ``keep`` checkpoints; remove older ones and stale temporaries."""
-    names = sorted(p.name for p in checkpoints.iterdir() if _NAME.match(p.name))
+    """Keep the newest ``keep`` checkpoints (by step), remove the older ones."""
+    names = sorted((p.name for p in checkpoints.iterdir() if _NAME.match(p.name)),
+                   key=lambda name: int(_NAME.match(name).group(1)))
     for name in names[:-keep]:
         shutil.rmtree(checkpoints / name, ignore_errors=True)
 

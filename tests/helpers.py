@@ -81,10 +81,13 @@ def assert_no_survivors(run_dir: Path) -> None:
     for pid in filter(None, pids):
         try:
             process = psutil.Process(pid)
-        except psutil.NoSuchProcess:
+            if process.status() == psutil.STATUS_ZOMBIE:
+                continue  # dead; an orphan's zombie waits for a PID 1 that may never reap it
+            cmdline = " ".join(process.cmdline())
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
             continue
         # pid reuse: only a process started by this run counts
-        assert "system." not in " ".join(process.cmdline()), f"pid {pid} survived the run"
+        assert "system." not in cmdline, f"pid {pid} survived the run"
 
 
 def wait_for(predicate, *, timeout_s: float, what: str, interval_s: float = 0.02) -> None:

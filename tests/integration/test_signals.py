@@ -70,9 +70,9 @@ def read_state(run_dir: Path) -> dict:
 
 
 def wait_for(predicate: Callable[[], object], timeout_s: float, what: str,
-             proc: subprocess.Popen | None = None) -> object:
-    """Re-check ``predicate`` every 20 ms until it holds; fail clearly at the deadline or when
-    ``proc`` exits first."""
+             proc: subprocess.Popen | None = None, interval_s: float = 0.02) -> object:
+    """Re-check ``predicate`` every ``interval_s`` until it holds; fail clearly at the deadline
+    or when ``proc`` exits first."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()
@@ -85,7 +85,17 @@ def wait_for(predicate: Callable[[], object], timeout_s: float, what: str,
             pytest.fail(f"the run exited with status {proc.returncode} before {what}")
         if time.monotonic() >= deadline:
             pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.02)
+        time.sleep(interval_s)
+
+
+def waiting_in_poll(pid: int) -> bool:
+    """The process's main thread sleeps in poll: the coordinator is inside a step (or another
+    wait for its workers), not at a step boundary."""
+    try:
+        with open(f"/proc/{pid}/wchan", encoding="ascii") as handle:
+            return "poll" in handle.read()
+    except OSError:
+        return False
 
 
 def signal_pending(pid: int, sig: int) -> bool:
@@ -290,6 +300,8 @@ def test_stop_signal_then_resume_is_bitwise_equal(tmp_path, reference, steps_per
     with Training(run_dir) as run:
         sent_at = run.wait_step(at_step)
         run.kill(sig)
+        # The step running when the signal landed is at most one past the last one logged now.
+        landed_by = last_step(run_dir) + 1
         returncode = run.finish()
     assert returncode == 0, f"{name}: exit status {returncode}: {run.stderr}"
     assert read_state(run_dir)["state"] == "stopped"
@@ -300,10 +312,10 @@ def test_stop_signal_then_resume_is_bitwise_equal(tmp_path, reference, steps_per
     if sig == signal.SIGUSR2:
         assert stop["reason"] == "epoch_stop"
         assert stop["step"] % steps_per_epoch == 0, f"stopped mid-epoch at {stop['step']}"
-        assert stop["step"] - sent_at < steps_per_epoch + 1
+        assert stop["step"] - steps_per_epoch < landed_by, "an epoch end was passed by"
     else:
         assert stop["reason"] == "signal"
-        assert stop["step"] <= sent_at + 3, "a graceful stop happens at the next boundary"
+        assert stop["step"] <= landed_by, "a graceful stop happens at the next boundary"
     saved = events_named(run_dir, "checkpoint")[-1]
     assert saved["step"] == stop["step"]
     assert checkpoint.verify(run_dir / saved["path"]).step == stop["step"]
@@ -322,18 +334,26 @@ def test_second_sigint_aborts_at_once(tmp_path):
     run_dir = tmp_path / "run"
     # Slow steps, so both interrupts land inside one step: the first asks for a graceful stop
     # at the boundary, the second must not wait for it.
-    with Training(run_dir, step_delay_s=0.3) as run:
-        run.wait_step(2)
+    with Training(run_dir, step_delay_s=0.5) as run:
+        run.wait_step(1)
+
+        def mid_step() -> bool:  # not at a boundary, where one SIGINT alone would stop the run
+            logged = last_step(run_dir)
+            return waiting_in_poll(run.pid) and last_step(run_dir) == logged
+
+        wait_for(mid_step, 10, "the coordinator waiting inside a step", run.proc, 0.005)
         run.kill(signal.SIGINT)
         # Standard signals do not queue: send the second only once a thread took the first.
-        wait_for(lambda: not signal_pending(run.pid, signal.SIGINT), 5, "SIGINT delivery")
+        wait_for(lambda: not signal_pending(run.pid, signal.SIGINT), 5, "SIGINT delivery",
+                 interval_s=0.001)
         run.kill(signal.SIGINT)
         sent = time.monotonic()
         returncode = run.finish(timeout_s=30)
         elapsed_s = time.monotonic() - sent
     assert returncode == 130, f"exit status {returncode}: {run.stderr}"
     assert "aborted" in run.stderr
-    assert elapsed_s < 2.0, f"took {elapsed_s:.2f} s to abort"
+    # some 85 steps of 0.5 s were left: an abort ends at once (workers finish one step at most)
+    assert elapsed_s < 5.0, f"took {elapsed_s:.2f} s to abort"
     assert read_state(run_dir)["state"] == "aborted"
     assert events_named(run_dir, "run_end")[-1]["status"] == "aborted"
     assert events_named(run_dir, "stop") == [], "an abort is not a graceful stop"
@@ -363,8 +383,8 @@ def test_kill_9_of_the_coordinator_takes_the_workers_and_resume_recovers(tmp_pat
 
 
 def test_signal_storm_leaves_the_run_correct(tmp_path, reference):
-    """3000 SIGUSR1 / SIGTSTP / SIGCONT in bursts sent as fast as os.kill goes, spread over
-    many step boundaries (short random gaps between bursts), stopped 10 steps before the end."""
+    """3000 SIGUSR1 / SIGTSTP / SIGCONT in bursts sent as fast as os.kill goes, about one burst
+    a step so that they spread over many step boundaries, stopped 10 steps before the end."""
     run_dir = tmp_path / "run"
     kinds = (signal.SIGUSR1, signal.SIGTSTP, signal.SIGCONT)
     total_steps = len(step_events(reference))
@@ -375,11 +395,16 @@ def test_signal_storm_leaves_the_run_correct(tmp_path, reference):
         rng = random.Random(20240611)
         try:
             while len(sent) < 3000 and last_step(run_dir) < total_steps - 10:
-                for _ in range(rng.randint(1, 60)):
+                logged = last_step(run_dir)
+                for _ in range(rng.randint(1, 100)):
                     sig = rng.choice(kinds)
                     os.kill(pid, sig)
                     sent.append(sig)
-                time.sleep(rng.uniform(0, 0.01))  # pacing, not synchronisation
+                # Pacing, not synchronisation: about one burst a step, whatever the machine's
+                # load, and at least every 30 ms while the run sits paused.
+                deadline = time.monotonic() + 0.03
+                while last_step(run_dir) == logged and time.monotonic() < deadline:
+                    time.sleep(0.002)
             os.kill(pid, signal.SIGCONT)
         except ProcessLookupError:
             pass  # the run ended (it is reaped only after the join, so no pid reuse)
@@ -398,11 +423,11 @@ def test_signal_storm_leaves_the_run_correct(tmp_path, reference):
         if run.proc.poll() is None:
             run.kill(signal.SIGCONT)
         returncode = run.finish()
-    assert len(sent) > 1000, f"the storm sent only {len(sent)} signals"
+    assert len(sent) > 500, f"the storm sent only {len(sent)} signals"
     assert_finished_like_reference(run, reference, returncode)
     checkpoints = events_named(run_dir, "checkpoint")
     paused, resumed = events_named(run_dir, "paused"), events_named(run_dir, "resumed")
-    assert len(checkpoints) > 1 and len(paused) > 1, (len(checkpoints), len(paused))
+    assert checkpoints and paused, "the storm exercised neither checkpoints nor pauses"
     assert len(paused) == len(resumed), "every pause was followed by a resume"
     assert len({e["step"] for e in checkpoints}) == len(checkpoints), "a step saved twice"
     dirs = checkpoint_dirs(run_dir)
@@ -439,10 +464,14 @@ def test_checkpoint_request_lands_at_the_next_boundary(tmp_path):
         run.wait_step(5)
         seen = last_step(run_dir)
         run.kill(signal.SIGUSR1)
+        # Read right after the signal landed: the step then running is at most this one + 1,
+        # even if the test process was descheduled between reading ``seen`` and the kill.
+        seen_after = last_step(run_dir)
         event = run.wait_event("checkpoint")
         run.kill(signal.SIGTERM)  # no need to train to the end
         returncode = run.finish()
     assert returncode == 0, run.stderr
-    assert seen <= event["step"] <= seen + 2, (
-        f"SIGUSR1 sent after step {seen}, checkpoint at step {event['step']}")
+    assert seen <= event["step"] <= seen_after + 1, (
+        f"SIGUSR1 sent after step {seen} (step {seen_after} logged when it had landed), "
+        f"checkpoint at step {event['step']}")
     assert checkpoint.verify(run_dir / event["path"]).step == event["step"]
