@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("checkpoint", "write a checkpoint at the next step boundary"),
                        ("stop", "checkpoint and stop")):
         commands.add_parser(name, help=text).add_argument("run_dir")
+    commands.add_parser("bench", help="the benchmark suite: python -m bench.run [ARGS] "
+                        "(--quick, --repeats N, --out DIR)")
     status = commands.add_parser("status", help="state of a run")
     status.add_argument("run_dir")
     status.add_argument("--json", action="store_true")
@@ -154,17 +156,11 @@ def show_status(run_dir: str, as_json: bool) -> int:
     return EXIT_OK
 
 
-def run(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command in SIGNALS:
-        return send_control(args.command, args.run_dir)
-    if args.command == "status":
-        return show_status(args.run_dir, args.json)
-    config = resolve_config(args)
-    from threadpoolctl import threadpool_limits
-
+def prepare_run(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
+    """The resolved config and run directory of a train or reference command, checked."""
     from system.rundir import default_run_dir
 
+    config = resolve_config(args)
     run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(args.command)
     if args.resume and not config.run_dir:
         raise UsageError("--resume needs --run-dir of the run to continue")
@@ -172,7 +168,44 @@ def run(argv: list[str] | None = None) -> int:
         raise UsageError(f"{run_dir}: the run already finished; nothing to resume")
     if not args.resume and (run_dir / "events.jsonl").exists():
         raise UsageError(f"{run_dir}: already holds a run (use --resume, or another --run-dir)")
-    config = config.replace(run_dir=str(run_dir))
+    return config.replace(run_dir=str(run_dir)), run_dir
+
+
+def run_bench(args: list[str]) -> int:
+    """``pipetrain bench ARGS`` is ``python -m bench.run ARGS`` from the source checkout."""
+    import subprocess
+
+    roots = [Path(__file__).resolve().parent.parent, Path.cwd()]
+    root = next((r for r in roots if (r / "bench" / "run.py").is_file()), None)
+    if root is None:
+        raise UsageError("bench: needs the source checkout (bench/run.py not found next to "
+                         "the system package or in the current directory)")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    code = subprocess.call([sys.executable, "-m", "bench.run", *args], env=env)
+    return code if code >= 0 else 128 - code
+
+
+def run(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its options are bench.run's, passed through unparsed
+        return run_bench(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.command in SIGNALS:
+        return send_control(args.command, args.run_dir)
+    if args.command == "status":
+        return show_status(args.run_dir, args.json)
+    from threadpoolctl import threadpool_limits
+
+    if args.command == "train":  # --transport mpi: every rank of `mpirun -n N ...` comes here
+        from system import mpi_launch
+
+        if mpi_launch.launched_by_mpirun():
+            return mpi_launch.main(lambda: prepare_run(args), quiet=args.quiet,
+                                   resume=args.resume)
+    config, run_dir = prepare_run(args)
+    if args.command == "train" and config.transport == "mpi":
+        raise UsageError(mpi_launch.launch_hint(config))
     with threadpool_limits(config.blas_threads):
         if args.command == "reference":
             from system.reference import run_reference
