@@ -14,7 +14,15 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from system.config import (
+# Before numpy loads (the imports below): the coordinator must stay the only thread of its
+# process, so that every control signal lands on its main thread (see system.control: handlers
+# running on two threads at once could reorder a SIGTSTP and the SIGCONT after it). BLAS would
+# otherwise start a thread pool at import. `reference --blas-threads N` still gets N threads
+# (threadpoolctl raises the count); stage workers get theirs from the coordinator.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = "1"
+
+from system.config import (  # noqa: E402
     BALANCES,
     DTYPES,
     SCHEDULES,
@@ -24,8 +32,8 @@ from system.config import (
     build_config,
     load_toml,
 )
-from system.data.datasets import NORMALIZATIONS, DataError
-from system.nn.optim import OPTIMIZERS
+from system.data.datasets import NORMALIZATIONS, DataError  # noqa: E402
+from system.nn.optim import OPTIMIZERS  # noqa: E402
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ABORTED = 0, 1, 2, 130
 
@@ -206,7 +214,8 @@ def run(argv: list[str] | None = None) -> int:
     config, run_dir = prepare_run(args)
     if args.command == "train" and config.transport == "mpi":
         raise UsageError(mpi_launch.launch_hint(config))
-    with threadpool_limits(config.blas_threads):
+    # The coordinator only evaluates: its BLAS stays single-threaded (see the top of this file).
+    with threadpool_limits(config.blas_threads if args.command == "reference" else 1):
         if args.command == "reference":
             from system.reference import run_reference
 

@@ -14,11 +14,19 @@ in time slices (latency, and the lost ordering above).
 
 A burst of the same signal collapses into one request. Installation is a context manager that
 restores the previous handlers and wake-up fd.
+
+One more trap, found by the signal-storm scenario: Python installs its C-level handler with an
+empty ``sa_mask``, so a SIGCONT arriving while the SIGTSTP handler runs *nests* inside it and
+writes its byte first: the pipe then says "CONT, TSTP" for a TSTP followed by a CONT, and a run
+storm-ended with SIGCONT stays paused. So after installing the handlers we re-install the same C
+handler with ``sa_mask`` holding every control signal (``sigaction`` through ctypes): the kernel
+then delivers them one at a time, and the bytes keep the delivery order.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import os
 import signal
@@ -87,6 +95,34 @@ class SignalControl:
         os.close(self._write_fd)
 
 
+class _Sigaction(ctypes.Structure):
+    """glibc's ``struct sigaction`` (the same layout on x86-64 and aarch64)."""
+
+    _fields_ = [("sa_handler", ctypes.c_void_p), ("sa_mask", ctypes.c_ulong * 16),
+                ("sa_flags", ctypes.c_int), ("sa_restorer", ctypes.c_void_p)]
+
+
+def serialise_handlers(signals: tuple[int, ...]) -> bool:
+    """Block every signal of ``signals`` while any of their handlers runs (no nesting).
+
+    Keeps the installed handler and flags, only widens ``sa_mask``. Returns False where the
+    C library cannot be reached this way (then nesting stays possible, as before).
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        for sig in signals:
+            action = _Sigaction()
+            if libc.sigaction(sig, None, ctypes.byref(action)) != 0:
+                return False
+            for other in signals:
+                libc.sigaddset(ctypes.byref(action, _Sigaction.sa_mask.offset), other)
+            if libc.sigaction(sig, ctypes.byref(action), None) != 0:
+                return False
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
 def _noop(signum: int, frame: object) -> None:
     """The work is done by the wake-up fd; a Python handler must exist to replace the default
     action (SIGTSTP would stop the process, SIGTERM and SIGINT would end it)."""
@@ -96,6 +132,7 @@ def _noop(signum: int, frame: object) -> None:
 def signal_control() -> Iterator[SignalControl]:
     control = SignalControl()
     previous = {sig: signal.signal(sig, _noop) for sig in HANDLED}
+    serialise_handlers(HANDLED)
     previous_fd = signal.set_wakeup_fd(control._write_fd, warn_on_full_buffer=False)
     try:
         yield control

@@ -174,3 +174,37 @@ def test_a_custom_previous_handler_gets_signals_again_afterwards():
         assert received == [USR1]
     finally:
         signal.signal(USR1, original)
+
+
+def test_nested_delivery_keeps_arrival_order():
+    """Bursts of SIGTSTP/SIGCONT from another thread, each ending with SIGCONT, must never leave
+    the requests paused. Without serialised handlers (Python's empty sa_mask) a SIGCONT could
+    nest inside the SIGTSTP handler and write its byte first: 6 of 300 bursts ended paused."""
+    import threading
+
+    from system.control import signal_control
+
+    pid = os.getpid()
+
+    def burst() -> None:
+        # Like every helper thread of the coordinator, the sender takes no control signal: the
+        # main thread alone handles them (two threads handling at once could reorder them).
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+        for _ in range(20):
+            os.kill(pid, signal.SIGTSTP)
+            os.kill(pid, signal.SIGCONT)
+
+    ended_paused = 0
+    with signal_control() as control:
+        poller = select.poll()
+        poller.register(control.fileno(), select.POLLIN)
+        for _ in range(300):
+            sender = threading.Thread(target=burst)
+            sender.start()
+            sender.join()
+            poller.poll(100)
+            control.drain()
+            if control.requests.paused:
+                ended_paused += 1
+                control.requests.paused = False
+    assert ended_paused == 0, f"{ended_paused} of 300 bursts ending in SIGCONT left it paused"
