@@ -176,35 +176,47 @@ def test_a_custom_previous_handler_gets_signals_again_afterwards():
         signal.signal(USR1, original)
 
 
+NESTING_PROBE = """
+import os, select, signal, threading
+from system.control import signal_control
+
+pid = os.getpid()
+
+def burst():
+    for _ in range(20):
+        os.kill(pid, signal.SIGTSTP)
+        os.kill(pid, signal.SIGCONT)
+
+ended_paused = 0
+with signal_control() as control:
+    poller = select.poll()
+    poller.register(control.fileno(), select.POLLIN)
+    for _ in range(300):
+        sender = threading.Thread(target=burst)
+        sender.start()
+        sender.join()
+        poller.poll(100)
+        control.drain()
+        if control.requests.paused:
+            ended_paused += 1
+            control.requests.paused = False
+print(ended_paused)
+"""
+
+
 def test_nested_delivery_keeps_arrival_order():
-    """Bursts of SIGTSTP/SIGCONT from another thread, each ending with SIGCONT, must never leave
-    the requests paused. Without serialised handlers (Python's empty sa_mask) a SIGCONT could
-    nest inside the SIGTSTP handler and write its byte first: 6 of 300 bursts ended paused."""
-    import threading
+    """Bursts of SIGTSTP/SIGCONT, each ending with SIGCONT, must never leave the requests
+    paused. Without serialised handlers (Python's empty sa_mask) a SIGCONT could nest inside the
+    SIGTSTP handler and write its byte first: 6 of 300 bursts ended paused. The probe runs in a
+    fresh two-thread process (a test worker has threads of its own, which take signals too: the
+    coordinator avoids that by having no other thread)."""
+    import subprocess
+    import sys
 
-    from system.control import signal_control
+    from tests.helpers import REPO, cli_env
 
-    pid = os.getpid()
-
-    def burst() -> None:
-        # Like every helper thread of the coordinator, the sender takes no control signal: the
-        # main thread alone handles them (two threads handling at once could reorder them).
-        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
-        for _ in range(20):
-            os.kill(pid, signal.SIGTSTP)
-            os.kill(pid, signal.SIGCONT)
-
-    ended_paused = 0
-    with signal_control() as control:
-        poller = select.poll()
-        poller.register(control.fileno(), select.POLLIN)
-        for _ in range(300):
-            sender = threading.Thread(target=burst)
-            sender.start()
-            sender.join()
-            poller.poll(100)
-            control.drain()
-            if control.requests.paused:
-                ended_paused += 1
-                control.requests.paused = False
+    result = subprocess.run([sys.executable, "-c", NESTING_PROBE], capture_output=True,
+                            text=True, timeout=120, cwd=REPO, env=cli_env())
+    assert result.returncode == 0, result.stderr
+    ended_paused = int(result.stdout.strip())
     assert ended_paused == 0, f"{ended_paused} of 300 bursts ending in SIGCONT left it paused"
