@@ -178,11 +178,14 @@ def test_a_custom_previous_handler_gets_signals_again_afterwards():
 
 NESTING_PROBE = """
 import os, select, signal, threading
-from system.control import signal_control
+from system.control import HANDLED, signal_control
 
 pid = os.getpid()
 
 def burst():
+    # Shaped like the coordinator: one thread takes every control signal (the sender blocks
+    # them). Two threads handling signals at once can reorder them whatever the handlers do.
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
     for _ in range(20):
         os.kill(pid, signal.SIGTSTP)
         os.kill(pid, signal.SIGCONT)
@@ -206,10 +209,10 @@ print(ended_paused)
 
 def test_nested_delivery_keeps_arrival_order():
     """Bursts of SIGTSTP/SIGCONT, each ending with SIGCONT, must never leave the requests
-    paused. Without serialised handlers (Python's empty sa_mask) a SIGCONT could nest inside the
-    SIGTSTP handler and write its byte first: 6 of 300 bursts ended paused. The probe runs in a
-    fresh two-thread process (a test worker has threads of its own, which take signals too: the
-    coordinator avoids that by having no other thread)."""
+    paused in a process shaped like the coordinator: a fresh process where one thread takes
+    every control signal, with serialised handlers. (With two signal-taking threads and
+    Python's empty sa_mask, 6 of 300 bursts ended paused; the scenario signal-storm-mixed hung
+    about one run in six that way.)"""
     import subprocess
     import sys
 
