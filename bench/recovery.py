@@ -7,6 +7,7 @@ restart (the ``recovery_s`` of ``restart`` events), over N kills of random worke
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -26,7 +27,11 @@ def steps_seen(events_path: Path) -> int:
         lines = events_path.read_text().splitlines()
     except FileNotFoundError:
         return 0
-    steps = [json.loads(line)["step"] for line in lines if '"event": "step"' in line]
+    steps = []
+    for line in lines:
+        if '"event": "step"' in line:
+            with contextlib.suppress(ValueError):  # the line being appended right now
+                steps.append(json.loads(line)["step"])
     return max(steps, default=0)
 
 
