@@ -45,6 +45,16 @@ def load_params(run_dir: Path, name: str = "final.npz") -> dict[str, np.ndarray]
         return {key: archive[key] for key in archive.files}
 
 
+def read_events(run_dir: Path) -> list[dict]:
+    """The events of a run that may still be writing: a line without its newline yet (being
+    written) is left out, and a run that has not started yet has none."""
+    try:
+        text = (Path(run_dir) / "events.jsonl").read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
+
+
 def events(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "events.jsonl"
     with open(path, encoding="utf-8") as handle:

@@ -21,6 +21,7 @@ from tests.helpers import (
     assert_bitwise_equal,
     cli_env,
     load_params,
+    read_events,
     run_cli,
     run_state,
     start_cli,
@@ -29,14 +30,6 @@ from tests.helpers import (
 
 OPTIONS = ("--epochs", "2", "--quiet")  # 44 steps
 CHECKPOINT_EVERY = ("--checkpoint-every", "10")
-
-
-def read_events(run_dir: Path) -> list[dict]:
-    try:
-        text = (run_dir / "events.jsonl").read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
 
 
 def events_named(run_dir: Path, name: str) -> list[dict]:

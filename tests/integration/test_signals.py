@@ -9,7 +9,6 @@ reference, and every step's loss and gradient digest must be the reference's.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -28,6 +27,7 @@ from tests.helpers import (
     assert_no_survivors,
     cli_env,
     load_params,
+    read_events,
     run_cli,
     run_state,
     start_cli,
@@ -42,15 +42,6 @@ FINISH_TIMEOUT_S = 120.0
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-def read_events(run_dir: Path) -> list[dict]:
-    """events.jsonl as written so far: no file yet is no events, a half-written line is skipped."""
-    try:
-        text = (Path(run_dir) / "events.jsonl").read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
 
 
 def events_named(run_dir: Path, name: str) -> list[dict]:

@@ -23,6 +23,7 @@ from tests.helpers import (
     assert_same_steps,
     cli_env,
     load_params,
+    read_events,
     run_cli,
     run_state,
     step_events,
@@ -38,14 +39,6 @@ from tests.mpi.mpirun import (
 SMALL = ("--epochs", "1", "--batch-size", "48", "--quiet")
 SLOW_STEP_S = "0.03"
 START_TIMEOUT_S = 120.0  # mpirun and 4-5 Python ranks on 2 shared cores can take a while
-
-
-def read_events(run_dir: Path) -> list[dict]:
-    try:
-        text = (run_dir / "events.jsonl").read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
 
 
 def named(run_dir: Path, name: str) -> list[dict]:
