@@ -178,7 +178,12 @@ def decode_header(buf: bytes | bytearray | memoryview,
 
 
 def check_payload(header: Header, payload: bytes | bytearray | memoryview) -> None:
-    if crc32c.crc32c(payload) != header.payload_checksum:
+    check_payload_crc(header, crc32c.crc32c(payload))
+
+
+def check_payload_crc(header: Header, crc: int) -> None:
+    """Compare a payload CRC computed elsewhere (e.g. chunk by chunk while reading)."""
+    if crc != header.payload_checksum:
         raise ProtocolError(f"payload checksum mismatch in {header.describe()}")
 
 
