@@ -3,7 +3,7 @@
 ::
 
     reduce:     r0 ──g0──▶ r1 ──g0+g1──▶ r2 ──(g0+g1)+g2──▶ r3  (holds the total)
-    broadcast:  r0 ◀────── r1 ◀───────── r2 ◀──────────────── r3
+    broadcast:  r0 ◀────── r1 ◀───────── r2 ◀──────────────── r3   (chunk by chunk, meanwhile)
 
 Every element is summed in replica order, ``((g0 + g1) + g2) + ...``, exactly as the single-process
 reference sums its replicas, so replicated training stays bitwise equal to it. A ring all-reduce
@@ -40,37 +40,49 @@ def chain_allreduce(
     flat: np.ndarray, rank: int, size: int, *, send_next: Send | None, recv_prev: Receive | None,
     send_prev: Send | None, recv_next: Receive | None, chunk_bytes: int = CHUNK_BYTES,
 ) -> np.ndarray:
-    """Sum ``flat`` over all ranks in rank order, in place; every rank ends with the total."""
+    """Sum ``flat`` over all ranks in rank order, in place; every rank ends with the total.
+
+    Reduce and broadcast are interleaved chunk by chunk: the last rank sends each total back as
+    soon as it has it, and every other rank passes totals on between its reduce chunks, so both
+    directions of every link carry data at once: for R = 2 and 12 MiB, 1.40 against 0.82 GB/s
+    per replica when every chunk was reduced before any came back
+    (``python -m bench.allreduce --mib 12 --replicas 2 --repeats 7``). Rank ``r`` lets the
+    broadcast trail its reduce by ``2 * (R - 1 - r)`` chunks, the round trip to the last rank,
+    so it does not wait on a chunk that cannot have come back yet. Callers must read ahead (the
+    worker's receiver threads do) or use chunks that fit the links' buffers.
+    """
     if size == 1:
         return flat
     if flat.ndim != 1 or not flat.flags.c_contiguous:
         raise ValueError("all-reduce needs a flat, contiguous buffer")
     chunks = chunk_bounds(flat.size, flat.itemsize, chunk_bytes)
+    is_last = rank == size - 1
+    lag = 2 * (size - 1 - rank)
+    returned = 0  # broadcast chunks received (and passed on) so far
+
+    def take_total(index: int) -> None:
+        part = chunks[index]
+        total = recv_next(index)
+        _check(total, flat[part], index, "broadcast")
+        flat[part] = total
+        if rank > 0:
+            send_prev(index, flat[part])
+
     for index, part in enumerate(chunks):
         if rank > 0:
             partial = recv_prev(index)
             _check(partial, flat[part], index, "reduce")
             np.add(partial, flat[part], out=flat[part])  # (g0 + ... + g_{r-1}) + g_r
-        if rank < size - 1:
-            send_next(index, flat[part])
-    broadcast_from_last(flat, rank, size, send_prev=send_prev, recv_next=recv_next,
-                        chunks=chunks)
-    return flat
-
-
-def broadcast_from_last(
-    flat: np.ndarray, rank: int, size: int, *, send_prev: Send | None, recv_next: Receive | None,
-    chunks: list[slice] | None = None,
-) -> np.ndarray:
-    """Copy the last rank's ``flat`` to every rank, chunk by chunk back down the chain."""
-    chunks = chunks or chunk_bounds(flat.size, flat.itemsize)
-    for index, part in enumerate(chunks):
-        if rank < size - 1:
-            total = recv_next(index)
-            _check(total, flat[part], index, "broadcast")
-            flat[part] = total
-        if rank > 0:
-            send_prev(index, flat[part])
+        if is_last:
+            send_prev(index, flat[part])  # the total: straight back down the chain
+            continue
+        send_next(index, flat[part])
+        if index >= lag:
+            take_total(returned)
+            returned += 1
+    if not is_last:
+        for index in range(returned, len(chunks)):
+            take_total(index)
     return flat
 
 
