@@ -107,6 +107,11 @@ class Coordinator:
         schedule = build_schedule(config.schedule, config.stages, config.microbatches)
         validate_schedule(schedule, config.stages, config.microbatches)
         self.workers: list[WorkerHandle] = []
+        # Step results, filed by step and worker as they arrive: with the next step started
+        # early (TrainingRun.may_run_ahead) a step_done can come before the previous step's
+        # digests, which the workers' digest threads send whenever they are ready.
+        self._done: dict[int, dict[int, dict[str, Any]]] = {}
+        self._digests: dict[int, dict[int, list[str | None]]] = {}
         self.generation = 0  # how many worker groups were started: 0 first, then restarts
         self.op_timeout_s = max(60.0, 10 * config.heartbeat_timeout)
 
@@ -220,6 +225,9 @@ class Coordinator:
             worker.returncode = worker.process.returncode
             worker.control.close()
         stopped, self.workers = self.workers, []
+        # A new group reports afresh (and the ids of new handles may even be reused).
+        self._done.clear()
+        self._digests.clear()
         return stopped
 
     @property
@@ -275,6 +283,14 @@ class Coordinator:
                 message = self.receive(worker)
                 kind = message.get("event")
                 if kind == "heartbeat":
+                    continue
+                if kind in ("digests", "step_done"):
+                    store = self._digests if kind == "digests" else self._done
+                    by_worker = store.setdefault(int(message["step"]), {})
+                    if id(worker) in by_worker:
+                        raise self._failure(worker, f"sent {kind} of step {message['step']} "
+                                                    "twice")
+                    by_worker[id(worker)] = message.get("digests", message)
                     continue
                 if kind == "error":
                     worker.last_error = message.get("message")
@@ -367,17 +383,51 @@ class Coordinator:
     # -- training ----------------------------------------------------------------------------
 
     def step(self, step: int) -> tuple[float, str, list[dict[str, Any]]]:
+        """Run one step to the end: start it, collect it, combine its digests."""
+        self.start_step(step)
+        loss, replies = self.finish_step(step)
+        return loss, self.step_digest(step), replies
+
+    def start_step(self, step: int) -> None:
         self.broadcast({"cmd": "step", "step": step})
-        replies = self.collect("step_done")
+
+    def finish_step(self, step: int) -> tuple[float, list[dict[str, Any]]]:
+        """Wait for every ``step_done`` of ``step``; the loss and the replies. The digests may
+        still be on their way (:meth:`step_digest`), so the next step can start meanwhile."""
+        self._wait_for(self._done, step, "step_done")
+        done = self._done.pop(step)
+        replies = [done[id(worker)] for worker in self.workers]
         loss = 0.0
         for worker, reply in zip(self.workers, replies, strict=True):
             if worker.index == self.config.stages - 1:  # workers are in replica order
                 loss += float(reply["loss"])
-        # After the all-reduce every replica holds the same gradients: replica 0's speak for all.
-        digest = combine(bytes.fromhex(d) for worker, reply in zip(self.workers, replies,
-                                                                     strict=True)
-                         if worker.replica == 0 for d in reply["digests"])
-        return loss, digest, replies
+        return loss, replies
+
+    def step_digest(self, step: int) -> str:
+        """The step's ``grad_digest``, once every worker has sent its share: per stage, per
+        parameter, the digest made by replica ``position % R`` (they all hold the same
+        all-reduced gradients), combined in canonical order."""
+        self._wait_for(self._digests, step, "digests")
+        shares = self._digests.pop(step)
+        replicas = self.config.replicas
+        parts: list[bytes] = []
+        for index in range(self.config.stages):
+            stage_shares = {worker.replica: shares[id(worker)] for worker in self.workers
+                            if worker.index == index}
+            for position in range(len(stage_shares[0])):
+                digest = stage_shares[position % replicas][position]
+                if digest is None:
+                    raise WorkerFailed(f"no digest of parameter {position} of stage {index} "
+                                       f"in step {step}")
+                parts.append(bytes.fromhex(digest))
+        return combine(parts)
+
+    def _wait_for(self, store: dict[int, dict[int, Any]], step: int, what: str) -> None:
+        def unexpected(worker: WorkerHandle, message: dict[str, Any]) -> None:
+            raise self._failure(worker, f"expected {what} of step {step}, got "
+                                        f"{message.get('event')}")
+
+        self.pump(unexpected, lambda: len(store.get(step, ())) == len(self.workers))
 
     def gather_params(self) -> dict[str, np.ndarray]:
         """Every parameter, from replica 0's stages."""

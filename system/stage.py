@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from system.data.loader import MicroBatch
-from system.digest import array_digest
 from system.nn import init_parameters, make_optimizer, softmax_cross_entropy
 from system.nn.layers import build_segment
 from system.protocol import Kind
@@ -67,7 +66,9 @@ class Stage:
     # -- one step ----------------------------------------------------------------------------
 
     def begin_step(self, step: int) -> None:
-        """Prepare step ``step`` (from 1): zero gradients, find this replica's micro-batches."""
+        """Prepare step ``step`` (from 1): a zeroed set of gradient arrays (the previous step's
+        set is left intact for the digest thread), this replica's micro-batches."""
+        self.segment.swap_grad_buffers()
         self.segment.zero_grads()
         self.step_loss = 0.0
         self._logit_grads.clear()
@@ -106,10 +107,6 @@ class Stage:
         if self.is_first:
             return None
         return Outgoing(UPSTREAM, Kind.GRADIENT, mb, grad_input)
-
-    def grad_digests(self) -> list[str]:
-        grads = self.segment.grads()
-        return [array_digest(grads[name]).hex() for name in self.names]
 
     def load_state(self, params: dict[str, np.ndarray], optim: dict[str, np.ndarray]) -> None:
         """Restore parameters and optimizer state in place (the segment shares these arrays)."""

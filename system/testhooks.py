@@ -103,11 +103,10 @@ def trigger(fault: dict[str, Any], where: str) -> None:
                          stderr=subprocess.DEVNULL)
 
 
-def perturb(stage: Any, digests: list[str]) -> list[str]:
+def perturb(stage: Any) -> None:
     """Nudge the largest gradient element by a millionth before the update, after the digest
     was taken: a silent, tiny wrong result that only the final parameters reveal."""
     grad = next(iter(stage.segment.grads().values()))
     flat = grad.reshape(-1)
     position = int(np.argmax(np.abs(flat)))
     flat[position] += max(abs(float(flat[position])) * 1e-6, 1e-12)
-    return digests

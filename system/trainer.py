@@ -178,15 +178,28 @@ class TrainingRun:
         config, workload, run = self.config, self.workload, self.run
         steps_per_epoch, total = workload.steps_per_epoch, workload.total_steps
         step = start_step
+        started = None  # a step already sent to the workers, ahead of its boundary
         while True:
-            if self.at_boundary(step):
-                return "stopped"
-            if step == total:
-                return "done"
+            # A boundary is acted on only when no step is in flight: a checkpoint or a pause
+            # must see the parameters of the step it is labelled with.
+            if started is None:
+                if self.at_boundary(step):
+                    return "stopped"
+                if step == total:
+                    return "done"
             step += 1
             self.step = step
             epoch = (step - 1) // steps_per_epoch
-            loss, digest, replies = self.coordinator.step(step)
+            if started != step:
+                self.coordinator.start_step(step)
+            loss, replies = self.coordinator.finish_step(step)
+            started = None
+            if self.may_run_ahead(step):
+                # Start the next step before this one's digests are in: the workers hash the
+                # gradients on helper threads while the next step already runs.
+                started = step + 1
+                self.coordinator.start_step(started)
+            digest = self.coordinator.step_digest(step)
             if self.pending_restart is not None:
                 self.report_recovery()
             metrics = [{key: reply[key] for key in METRIC_KEYS if key in reply}
@@ -203,6 +216,18 @@ class TrainingRun:
                 run.update_state(epoch=epoch + 1, accuracy=acc, durable=False)
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 self.write_checkpoint(step)
+
+    def may_run_ahead(self, step: int) -> bool:
+        """Whether step ``step + 1`` may start before step ``step``'s boundary is handled: only
+        when that boundary has nothing to do (no epoch end, no periodic checkpoint, no pending
+        signal). A signal that arrives later is acted on at the next quiet boundary."""
+        if step >= self.workload.total_steps or step % self.workload.steps_per_epoch == 0:
+            return False
+        if self.config.checkpoint_every and step % self.config.checkpoint_every == 0:
+            return False
+        self.coordinator.check_signals()
+        requests = self.signals.requests
+        return not (requests.paused or requests.checkpoint or requests.stop)
 
     def _note_progress(self, step: int, epoch: int, loss: float) -> None:
         now = time.monotonic()

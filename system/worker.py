@@ -36,6 +36,7 @@ from system import allreduce, checkpoint, linkfaults, testhooks
 from system.config import build_config
 from system.data.loader import Loader, MicroBatch
 from system.digest import array_digest, combine
+from system.digester import Digester
 from system.inbox import CONTROL_SIGNALS, Inbox, InboxFailure, PeerClosed, Receivers
 from system.protocol import Kind, ProtocolError, decode_json, encode_json
 from system.schedule import build as build_schedule
@@ -74,6 +75,7 @@ class Worker:
         self.stage: Stage | None = None
         self.loader: Loader | None = None
         self._data_wait_total = 0.0
+        self.digester: Digester | None = None
         self.replica, self.replicas = 0, 1
         self.name = f"worker pid {os.getpid()}"
 
@@ -139,6 +141,7 @@ class Worker:
             replica=replica,
         )
         self.actions = build_schedule(config.schedule, num_stages, config.microbatches)[index]
+        self.digester = Digester(self._report_digests, blocked_signals=CONTROL_SIGNALS)
         self.op_timeout_s = message.get("op_timeout_s")
         fds = message["fds"]
         self.receivers = Receivers(self.inbox, op_timeout_s=self.op_timeout_s)
@@ -235,6 +238,17 @@ class Worker:
                                        send_next=links["send_next"], recv_prev=links["recv_prev"])
         allreduce.unflatten(flat, params)
 
+    def _report_digests(self, step: int, digests: list[str | None]) -> None:
+        self.reply({"event": "digests", "step": step, "digests": digests})
+
+    def digest_share(self) -> list[np.ndarray | None]:
+        """The gradients this worker hashes: after the all-reduce every replica holds the same
+        ones, so replica r hashes the parameters at positions r, r + R, r + 2R, ... and the
+        coordinator takes each digest from the replica that made it."""
+        grads = self.stage.segment.grads()
+        return [grads[name] if position % self.replicas == self.replica else None
+                for position, name in enumerate(self.stage.names)]
+
     def _next_microbatch(self, step: int, microbatch: int) -> MicroBatch:
         self.alive()
         return self.loader.get(step, microbatch)
@@ -247,6 +261,9 @@ class Worker:
         testhooks.step_delay()
         started = time.perf_counter()
         waited = 0.0
+        # begin_step swaps in the gradient arrays of two steps ago: they must be hashed by now
+        # (they have had a whole step; this returns at once unless hashing fell behind).
+        self.digester.wait(at_most_pending=1)
         stage.begin_step(step)
         for action in self.actions:
             source = stage.needs_input(action)
@@ -267,9 +284,10 @@ class Worker:
             metrics_reduce_s = time.perf_counter() - wait_start
         else:
             metrics_reduce_s = 0.0
-        digests = stage.grad_digests()
+        self.digester.submit(step, self.digest_share())
         if self.fault and self.fault.get("kind") == "perturb" and self.fault.get("step") == step:
-            digests = testhooks.perturb(stage, digests)
+            self.digester.wait()  # the fault changes a gradient after its digest was taken
+            testhooks.perturb(stage)
         stage.apply_update()
         elapsed = time.perf_counter() - started
         metrics = {"compute_s": elapsed - waited - metrics_reduce_s, "wait_neighbours_s": waited,
@@ -282,7 +300,7 @@ class Worker:
             metrics["compute_s"] -= data_wait
         self.reply({
             "event": "step_done", "step": step, "loss": stage.step_loss if stage.is_last else None,
-            "digests": digests, **metrics,
+            **metrics,
         })
 
     def send_params(self) -> None:
@@ -366,6 +384,8 @@ class Worker:
 
     def shutdown(self) -> None:
         self.stopping.set()
+        if self.digester is not None:
+            self.digester.close()
         if self.loader is not None:
             self.loader.stop()
         if self.heartbeat_thread is not None:

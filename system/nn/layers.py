@@ -46,6 +46,7 @@ class Dense:
         self.bias = bias
         self.grad_weight = np.zeros_like(weight)
         self.grad_bias = np.zeros_like(bias)
+        self._spare_grads: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def fan_in(self) -> int:
@@ -66,6 +67,15 @@ class Dense:
     def accumulate_weight_grad(self, x: np.ndarray, grad_y: np.ndarray) -> None:
         self.grad_weight += x.T @ grad_y
         self.grad_bias += grad_y.sum(axis=0)
+
+    def swap_grad_buffers(self) -> None:
+        """Accumulate into a second set of gradient arrays from now on (allocated on first use),
+        so that the previous step's gradients stay intact while a helper thread hashes them."""
+        if self._spare_grads is None:
+            self._spare_grads = (np.zeros_like(self.weight), np.zeros_like(self.bias))
+        spare = self._spare_grads
+        self._spare_grads = (self.grad_weight, self.grad_bias)
+        self.grad_weight, self.grad_bias = spare
 
     def parameters(self) -> dict[str, np.ndarray]:
         return {f"layers.{self.index}.weight": self.weight, f"layers.{self.index}.bias": self.bias}
@@ -188,6 +198,10 @@ class Segment:
         for layer in self.layers:
             layer.grad_weight[...] = 0
             layer.grad_bias[...] = 0
+
+    def swap_grad_buffers(self) -> None:
+        for layer in self.layers:
+            layer.swap_grad_buffers()
 
     def parameters(self) -> dict[str, np.ndarray]:
         params: dict[str, np.ndarray] = {}
