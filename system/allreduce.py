@@ -40,7 +40,22 @@ def chain_allreduce(
     flat: np.ndarray, rank: int, size: int, *, send_next: Send | None, recv_prev: Receive | None,
     send_prev: Send | None, recv_next: Receive | None, chunk_bytes: int = CHUNK_BYTES,
 ) -> np.ndarray:
-    """Sum ``flat`` over all ranks in rank order, in place; every rank ends with the total.
+    """Sum ``flat`` over all ranks in rank order, in place; every rank ends with the total."""
+    if flat.ndim != 1 or not flat.flags.c_contiguous:
+        raise ValueError("all-reduce needs a flat, contiguous buffer")
+    chain_allreduce_parts([flat], rank, size, send_next=send_next, recv_prev=recv_prev,
+                          send_prev=send_prev, recv_next=recv_next, chunk_bytes=chunk_bytes)
+    return flat
+
+
+def chain_allreduce_parts(
+    parts: list[np.ndarray], rank: int, size: int, *, send_next: Send | None,
+    recv_prev: Receive | None, send_prev: Send | None, recv_next: Receive | None,
+    chunk_bytes: int = CHUNK_BYTES, first_index: int = 0,
+) -> int:
+    """Sum every array of ``parts`` over all ranks in rank order, in place, without copying
+    them into one buffer first. Chunk frames are numbered from ``first_index``; returns the
+    number after the last one, where a following call on the same links goes on.
 
     Reduce and broadcast are interleaved chunk by chunk: the last rank sends each total back as
     soon as it has it, and every other rank passes totals on between its reduce chunks, so both
@@ -51,39 +66,44 @@ def chain_allreduce(
     so it does not wait on a chunk that cannot have come back yet. Callers must read ahead (the
     worker's receiver threads do) or use chunks that fit the links' buffers.
     """
+    views = []
+    for part in parts:
+        if not part.flags.c_contiguous:
+            raise ValueError("all-reduce needs contiguous arrays")
+        views.append(part.reshape(-1))
+    chunks = [view[bounds] for view in views
+              for bounds in chunk_bounds(view.size, view.itemsize, chunk_bytes)]
     if size == 1:
-        return flat
-    if flat.ndim != 1 or not flat.flags.c_contiguous:
-        raise ValueError("all-reduce needs a flat, contiguous buffer")
-    chunks = chunk_bounds(flat.size, flat.itemsize, chunk_bytes)
+        return first_index + len(chunks)
     is_last = rank == size - 1
     lag = 2 * (size - 1 - rank)
     returned = 0  # broadcast chunks received (and passed on) so far
 
-    def take_total(index: int) -> None:
-        part = chunks[index]
+    def take_total(position: int) -> None:
+        chunk, index = chunks[position], first_index + position
         total = recv_next(index)
-        _check(total, flat[part], index, "broadcast")
-        flat[part] = total
+        _check(total, chunk, index, "broadcast")
+        chunk[...] = total
         if rank > 0:
-            send_prev(index, flat[part])
+            send_prev(index, chunk)
 
-    for index, part in enumerate(chunks):
+    for position, chunk in enumerate(chunks):
+        index = first_index + position
         if rank > 0:
             partial = recv_prev(index)
-            _check(partial, flat[part], index, "reduce")
-            np.add(partial, flat[part], out=flat[part])  # (g0 + ... + g_{r-1}) + g_r
+            _check(partial, chunk, index, "reduce")
+            np.add(partial, chunk, out=chunk)  # (g0 + ... + g_{r-1}) + g_r
         if is_last:
-            send_prev(index, flat[part])  # the total: straight back down the chain
+            send_prev(index, chunk)  # the total: straight back down the chain
             continue
-        send_next(index, flat[part])
-        if index >= lag:
+        send_next(index, chunk)
+        if position >= lag:
             take_total(returned)
             returned += 1
     if not is_last:
-        for index in range(returned, len(chunks)):
-            take_total(index)
-    return flat
+        for position in range(returned, len(chunks)):
+            take_total(position)
+    return first_index + len(chunks)
 
 
 def broadcast_from_first(

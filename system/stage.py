@@ -62,6 +62,10 @@ class Stage:
         self._step = 0
         self._logit_grads: dict[int, np.ndarray] = {}
         self.step_loss = 0.0
+        self._weight_passes = 0
+        # Called with a layer's parameter names once its gradient for the step is final (the
+        # last micro-batch's weight pass has gone through it); the worker starts reducing it.
+        self.on_grads_final: Callable[[list[str]], None] | None = None
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -72,6 +76,7 @@ class Stage:
         self.segment.zero_grads()
         self.step_loss = 0.0
         self._logit_grads.clear()
+        self._weight_passes = 0
         self._step = step
 
     def needs_input(self, action: Action) -> str | None:
@@ -97,16 +102,24 @@ class Stage:
             self._logit_grads[mb] = grad
             return None
         if action.op is Op.BACKWARD_WEIGHT:
-            self.segment.backward_weight(mb)
+            self.segment.backward_weight(mb, on_layer_done=self._final_hook())
             return None
         grad_output = self._logit_grads.pop(mb) if self.is_last else received
         if action.op is Op.BACKWARD:
-            grad_input = self.segment.backward(mb, grad_output)
+            grad_input = self.segment.backward(mb, grad_output, on_layer_done=self._final_hook())
         else:
             grad_input = self.segment.backward_input(mb, grad_output)
         if self.is_first:
             return None
         return Outgoing(UPSTREAM, Kind.GRADIENT, mb, grad_input)
+
+    def _final_hook(self) -> Callable[[object], None] | None:
+        """For the step's last weight pass (every schedule runs one per micro-batch, in
+        ascending order), the hook that reports each layer as final."""
+        self._weight_passes += 1
+        if self.on_grads_final is None or self._weight_passes != self.config.microbatches:
+            return None
+        return lambda layer: self.on_grads_final(list(layer.grads()))
 
     def load_state(self, params: dict[str, np.ndarray], optim: dict[str, np.ndarray]) -> None:
         """Restore parameters and optimizer state in place (the segment shares these arrays)."""

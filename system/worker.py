@@ -39,6 +39,7 @@ from system.digest import array_digest, combine
 from system.digester import Digester
 from system.inbox import CONTROL_SIGNALS, Inbox, InboxFailure, PeerClosed, Receivers
 from system.protocol import Kind, ProtocolError, decode_json, encode_json
+from system.reducer import Reducer
 from system.schedule import build as build_schedule
 from system.stage import DOWNSTREAM, UPSTREAM, Stage
 from system.transport import Channel, ChannelClosed, PipeChannel
@@ -76,6 +77,7 @@ class Worker:
         self.loader: Loader | None = None
         self._data_wait_total = 0.0
         self.digester: Digester | None = None
+        self.reducer: Reducer | None = None
         self.replica, self.replicas = 0, 1
         self.name = f"worker pid {os.getpid()}"
 
@@ -174,6 +176,11 @@ class Worker:
             self.stage.load_state(params, optim)
         if self.replicas > 1:
             self.sync_weights()
+            self.reducer = Reducer(self.replica, self.replicas, self._reduce_links,
+                                   blocked_signals=CONTROL_SIGNALS)
+            grads = self.stage.segment.grads
+            self.stage.on_grads_final = lambda names: self.reducer.submit(
+                self.stage_step, [grads()[name] for name in names])
 
     def open_link(self, fds: dict[str, int], read_key: str, write_key: str,
                   name: str) -> Channel | None:
@@ -221,12 +228,24 @@ class Worker:
         return {"send_next": sender(NEXT_REPLICA), "send_prev": sender(PREV_REPLICA),
                 "recv_prev": receiver(PREV_REPLICA), "recv_next": receiver(NEXT_REPLICA)}
 
-    def allreduce_grads(self, step: int) -> None:
-        grads = [self.stage.segment.grads()[name] for name in self.stage.names]
-        flat = allreduce.flatten(grads)
-        links = self._neighbours(Kind.REDUCE, step)
-        allreduce.chain_allreduce(flat, self.replica, self.replicas, **links)
-        allreduce.unflatten(flat, grads)
+    def _reduce_links(self, step: int) -> dict[str, Any]:
+        """The all-reduce chain's callables for the reducer thread: frames go straight to the
+        replica channels (only that thread uses them during a step), replies come through the
+        inbox like every other frame."""
+        def sender(direction: str):
+            channel = self.channels.get(direction)
+            if channel is None:
+                return None
+            return lambda index, data: channel.send_frame(Kind.REDUCE, step, index, data,
+                                                          timeout_s=self.op_timeout_s)
+
+        def receiver(direction: str):
+            if direction not in self.channels:
+                return None
+            return lambda index: self.receive(direction, Kind.REDUCE, step, index, "REDUCE")
+
+        return {"send_next": sender(NEXT_REPLICA), "send_prev": sender(PREV_REPLICA),
+                "recv_prev": receiver(PREV_REPLICA), "recv_next": receiver(NEXT_REPLICA)}
 
     def sync_weights(self) -> None:
         """Replica 0's parameters to every replica (they agree by construction; this makes
@@ -264,6 +283,7 @@ class Worker:
         # begin_step swaps in the gradient arrays of two steps ago: they must be hashed by now
         # (they have had a whole step; this returns at once unless hashing fell behind).
         self.digester.wait(at_most_pending=1)
+        self.stage_step = step
         stage.begin_step(step)
         for action in self.actions:
             source = stage.needs_input(action)
@@ -278,9 +298,9 @@ class Worker:
             if outgoing is not None:
                 self.send_to(outgoing.direction, outgoing.kind, step, outgoing.microbatch,
                              outgoing.array)
-        if self.replicas > 1:
+        if self.reducer is not None:  # most of the all-reduce ran during backward already
             wait_start = time.perf_counter()
-            self.allreduce_grads(step)
+            self.reducer.wait(interrupted=self.alive)
             metrics_reduce_s = time.perf_counter() - wait_start
         else:
             metrics_reduce_s = 0.0
@@ -386,6 +406,10 @@ class Worker:
         self.stopping.set()
         if self.digester is not None:
             self.digester.close()
+        if self.reducer is not None:
+            # It may be waiting in the inbox for a replica that is gone: wake it up first.
+            self.inbox.fail(InterruptedError(f"{self.name} is shutting down"))
+            self.reducer.close()
         if self.loader is not None:
             self.loader.stop()
         if self.heartbeat_thread is not None:

@@ -14,6 +14,7 @@ calls arrive; callers (the schedules) guarantee that this is ascending micro-bat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -155,10 +156,11 @@ class Segment:
             self.saved[microbatch] = saved
         return x
 
-    def backward(self, microbatch: int, grad_output: np.ndarray) -> np.ndarray | None:
+    def backward(self, microbatch: int, grad_output: np.ndarray, *,
+                 on_layer_done: Callable[[Dense], None] | None = None) -> np.ndarray | None:
         """Full backward: returns the input gradient and accumulates the weight gradients."""
         grad_input = self.backward_input(microbatch, grad_output)
-        self.backward_weight(microbatch)
+        self.backward_weight(microbatch, on_layer_done=on_layer_done)
         return grad_input
 
     def backward_input(self, microbatch: int, grad_output: np.ndarray) -> np.ndarray | None:
@@ -179,13 +181,23 @@ class Segment:
         saved.output_grads = output_grads
         return grad
 
-    def backward_weight(self, microbatch: int) -> None:
-        """Weight-gradient pass; frees the micro-batch's saved state."""
+    def backward_weight(self, microbatch: int, *,
+                        on_layer_done: Callable[[Dense], None] | None = None) -> None:
+        """Weight-gradient pass; frees the micro-batch's saved state.
+
+        Last layer first, and ``on_layer_done(layer)`` after each: on the step's last
+        micro-batch that is the moment a layer's gradient is final, and a replicated stage
+        starts reducing it while the layers below are still computed. The layers' gradients
+        are independent of each other, so the order changes no bit.
+        """
         saved = self._saved(microbatch)
         if not saved.output_grads:
             raise RuntimeError(f"micro-batch {microbatch}: weight gradient before input gradient")
-        for position, layer in enumerate(self.layers):
+        for position in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[position]
             layer.accumulate_weight_grad(saved.inputs[position], saved.output_grads[position])
+            if on_layer_done is not None:
+                on_layer_done(layer)
         del self.saved[microbatch]
 
     def _saved(self, microbatch: int) -> _Saved:
