@@ -158,26 +158,42 @@ class Segment:
 
     def backward(self, microbatch: int, grad_output: np.ndarray, *,
                  on_layer_done: Callable[[Dense], None] | None = None) -> np.ndarray | None:
-        """Full backward: returns the input gradient and accumulates the weight gradients."""
-        grad_input = self.backward_input(microbatch, grad_output)
-        self.backward_weight(microbatch, on_layer_done=on_layer_done)
+        """Full backward: returns the input gradient and accumulates the weight gradients.
+
+        Each layer's weight gradient is accumulated right after its input gradient, so it is
+        final (see :meth:`backward_weight`) a whole layer earlier than in an input pass
+        followed by a weight pass; the arithmetic is the same either way.
+        """
+        grad_input = self._input_pass(microbatch, grad_output, on_layer_done=on_layer_done,
+                                      weights_too=True)
+        del self.saved[microbatch]
         return grad_input
 
     def backward_input(self, microbatch: int, grad_output: np.ndarray) -> np.ndarray | None:
         """Input-gradient pass: walks the layers backwards, keeping each output gradient."""
+        return self._input_pass(microbatch, grad_output, on_layer_done=None, weights_too=False)
+
+    def _input_pass(self, microbatch: int, grad_output: np.ndarray, *,
+                    on_layer_done: Callable[[Dense], None] | None,
+                    weights_too: bool) -> np.ndarray | None:
         saved = self._saved(microbatch)
         grad = grad_output
         output_grads: list[np.ndarray | None] = [None] * len(self.layers)
         relu_slot = len(saved.pre_activations)
         for position in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[position]
             if self._has_relu(position):
                 relu_slot -= 1
                 grad = relu_backward(saved.pre_activations[relu_slot], grad)
-            output_grads[position] = grad
+            output_grads[position] = output_grad = grad
             if position > 0 or self.needs_input_grad:
-                grad = self.layers[position].backward_input(grad)
+                grad = layer.backward_input(grad)
             else:
                 grad = None
+            if weights_too:
+                layer.accumulate_weight_grad(saved.inputs[position], output_grad)
+                if on_layer_done is not None:
+                    on_layer_done(layer)
         saved.output_grads = output_grads
         return grad
 
