@@ -456,3 +456,32 @@ def test_partition_balances_equal_costs_and_real_layers():
 def test_partition_refuses_impossible_stage_counts(stages):
     with pytest.raises(ValueError, match="stages"):
         partition([1, 2, 3, 4], stages)
+
+
+def test_full_backward_equals_input_then_weight_pass_and_reports_final_layers():
+    """The full backward interleaves each layer's weight gradient with its input gradient and
+    reports the layer as done, last first; the bits are those of the split I/W passes."""
+    sizes = [9, 16, 12, 7, 5]
+    params = init_parameters(sizes, 3, np.dtype("float32"))
+    whole = build_segment(params, 0, 4, 4)
+    split = build_segment({k: v.copy() for k, v in params.items()}, 0, 4, 4)
+    rng = np.random.default_rng(8)
+    reported: list[tuple[int, dict[str, np.ndarray]]] = []
+    for m in range(3):
+        x = rng.normal(size=(5, sizes[0])).astype(np.float32)
+        g = rng.normal(size=(5, sizes[-1])).astype(np.float32)
+        whole.forward(m, x)
+        split.forward(m, x)
+        hook = (lambda layer: reported.append(
+            (layer.index, {k: v.copy() for k, v in layer.grads().items()}))) if m == 2 else None
+        assert whole.backward(m, g, on_layer_done=hook) is None
+        assert split.backward_input(m, g) is None
+        split.backward_weight(m)
+    assert [index for index, _ in reported] == [3, 2, 1, 0]
+    whole_grads, split_grads = whole.grads(), split.grads()
+    for name in whole_grads:
+        assert np.array_equal(whole_grads[name], split_grads[name]), name
+    for _, grads in reported:  # what a layer held when reported is its final gradient
+        for name, value in grads.items():
+            assert np.array_equal(value, whole_grads[name]), name
+    assert not whole.saved and not split.saved
