@@ -1,0 +1,46 @@
+"""Stage.on_grads_final: each layer reported once a step, when its gradient is final."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from system.config import build_config
+from system.data.loader import MicroBatch
+from system.schedule import Op
+from system.schedule import build as build_schedule
+from system.stage import Stage
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zb"])
+def test_each_layer_is_reported_once_per_step_after_its_last_weight_pass(schedule):
+    config = build_config({"layers": [6, 8, 5, 3], "microbatches": 3, "batch_size": 12,
+                           "schedule": schedule})
+    rng = np.random.default_rng(0)
+
+    def source(step, microbatch):
+        return MicroBatch(step, microbatch, np.arange(4), rng.random((4, 6)),
+                          rng.integers(0, 3, 4))
+
+    stage = Stage(config=config, index=0, num_stages=1, first_layer=0, stop_layer=3,
+                  source=source)
+    reports: list[tuple[list[str], dict[str, np.ndarray]]] = []
+    stage.on_grads_final = lambda names: reports.append(
+        (names, {n: stage.segment.grads()[n].copy() for n in names}))
+    for step in (1, 2):
+        reports.clear()
+        stage.begin_step(step)
+        for action in build_schedule(schedule, 1, 3)[0]:
+            before = len(reports)
+            stage.execute(action, None)
+            if len(reports) > before:  # only the step's last weight pass reports
+                assert action.microbatch == 2
+                assert action.op in (Op.BACKWARD, Op.BACKWARD_WEIGHT)
+        assert [names for names, _ in reports] == [
+            ["layers.2.weight", "layers.2.bias"], ["layers.1.weight", "layers.1.bias"],
+            ["layers.0.weight", "layers.0.bias"]]
+        final = stage.segment.grads()
+        for _, grads in reports:
+            for name, value in grads.items():
+                assert np.array_equal(value, final[name]) and value.any(), name
+        stage.apply_update()
