@@ -55,6 +55,7 @@ TRAINING_RATIOS = {
     "s2_vs_reference_1t_whole_batch": ("s2-1f1b-m4", "ref-1t-m1"),
     "s2_vs_reference_2t": ("s2-1f1b-m4", "ref-2t"),
     "s2_vs_torch_1f1b": ("s2-1f1b-m4", "torch-1f1b"),
+    "s2_zb_vs_torch_1f1b": ("s2-zb-m4", "torch-1f1b"),  # pipetrain's best S=2 schedule
     "s2_gpipe_vs_torch_gpipe": ("s2-gpipe-m4", "torch-gpipe"),
     "r2_vs_torch_ddp": ("r2-m1", "torch-ddp"),
     "r2_vs_reference_1t": ("r2-m1", "ref-1t-m1"),
