@@ -16,6 +16,9 @@ from tests.helpers import REPO, cli_env
 def scenario_file(tmp_path, name: str, bug: str):
     plan = {
         "name": name, "description": f"planted bug {bug}", "seed": 1,
+        # Slow enough that the 0.2 s monitor samples every worker before and after the leak:
+        # the digits run is otherwise over in a few tenths of a second.
+        "step_delay_s": 0.02,
         "train": {"stages": 3, "epochs": 1},
         "faults": [{"kind": "planted_bug", "bug": bug, "stage": 1, "at_step": 3}],
         "expect": {"equivalence": "bitwise", "no_leaks": True, "restarts": 0},

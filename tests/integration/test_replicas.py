@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import random
+import signal
+
 import pytest
 
 from tests.helpers import (
     assert_bitwise_equal,
     assert_no_survivors,
     assert_same_steps,
+    cli_env,
     events,
     load_params,
+    read_events,
     run_cli,
+    run_state,
+    start_cli,
+    wait_for,
 )
 
 BASE = ["--epochs", "1", "--batch-size", "64", "--microbatches", "2", "--quiet"]
@@ -49,3 +58,33 @@ def test_replicas_change_the_reduction_order(reference):
     one, two = load_params(reference(1)), load_params(reference(2))
     for name in one:
         assert abs(one[name] - two[name]).max() < 1e-9 * max(1.0, abs(one[name]).max())
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_killed_replica_mid_run_restarts_the_group_bitwise(tmp_path, victim):
+    """A replica killed while the other may be inside the overlapped all-reduce (its helper
+    thread waiting on the dead replica): the survivor must notice, the group restart from the
+    last checkpoint, and the result still be the reference's."""
+    args = ["--stages", "1", "--replicas", "2", "--epochs", "3", "--batch-size", "64",
+            "--microbatches", "1", "--checkpoint-every", "8", "--quiet"]
+    reference_dir = tmp_path / "reference"
+    run_cli("reference", "--run-dir", str(reference_dir), *args, check=True)
+    run_dir = tmp_path / "train"
+    at_step = random.Random(victim).randint(3, 40)
+    proc = start_cli("train", "--run-dir", str(run_dir), *args,
+                     env=cli_env(PIPETRAIN_TEST_STEP_DELAY_S="0.005"))
+    try:
+        wait_for(lambda: any(e["event"] == "step" and e["step"] >= at_step
+                             for e in read_events(run_dir)),
+                 timeout_s=60, what=f"step {at_step}")
+        os.kill(run_state(run_dir)["worker_pids"][victim], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    restarts = [e for e in events(run_dir) if e["event"] == "restart"]
+    assert len(restarts) == 1 and restarts[0]["from_step"] % 8 == 0, restarts
+    assert_bitwise_equal(load_params(run_dir), load_params(reference_dir))
+    assert_no_survivors(run_dir)
