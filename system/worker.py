@@ -176,7 +176,8 @@ class Worker:
             self.stage.load_state(params, optim)
         if self.replicas > 1:
             self.sync_weights()
-            self.reducer = Reducer(self.replica, self.replicas, self._reduce_links,
+            self.reducer = Reducer(self.replica, self.replicas,
+                                   lambda step: self._chain_links(Kind.REDUCE, step),
                                    blocked_signals=CONTROL_SIGNALS)
             grads = self.stage.segment.grads
             self.stage.on_grads_final = lambda names: self.reducer.submit(
@@ -212,37 +213,21 @@ class Worker:
             self.sending = False
             self.alive()
 
-    def _neighbours(self, kind: Kind, step: int) -> dict[str, Any]:
-        """Send/receive callables for the all-reduce chain among this stage's replicas."""
+    def _chain_links(self, kind: Kind, step: int) -> dict[str, Any]:
+        """Send/receive callables for the chain among this stage's replicas: frames go straight
+        to the replica channels (during a step only the reducer thread uses them; at start-up
+        only the main thread), replies come through the inbox like every other frame."""
         def sender(direction: str):
             channel = self.channels.get(direction)
             if channel is None:
                 return None
-            return lambda index, data: self.send_to(direction, kind, step, index, data)
-
-        def receiver(direction: str):
-            if direction not in self.channels:
-                return None
-            return lambda index: self.receive(direction, kind, step, index, f"{kind.name}")
-
-        return {"send_next": sender(NEXT_REPLICA), "send_prev": sender(PREV_REPLICA),
-                "recv_prev": receiver(PREV_REPLICA), "recv_next": receiver(NEXT_REPLICA)}
-
-    def _reduce_links(self, step: int) -> dict[str, Any]:
-        """The all-reduce chain's callables for the reducer thread: frames go straight to the
-        replica channels (only that thread uses them during a step), replies come through the
-        inbox like every other frame."""
-        def sender(direction: str):
-            channel = self.channels.get(direction)
-            if channel is None:
-                return None
-            return lambda index, data: channel.send_frame(Kind.REDUCE, step, index, data,
+            return lambda index, data: channel.send_frame(kind, step, index, data,
                                                           timeout_s=self.op_timeout_s)
 
         def receiver(direction: str):
             if direction not in self.channels:
                 return None
-            return lambda index: self.receive(direction, Kind.REDUCE, step, index, "REDUCE")
+            return lambda index: self.receive(direction, kind, step, index, kind.name)
 
         return {"send_next": sender(NEXT_REPLICA), "send_prev": sender(PREV_REPLICA),
                 "recv_prev": receiver(PREV_REPLICA), "recv_next": receiver(NEXT_REPLICA)}
@@ -252,7 +237,7 @@ class Worker:
         sure of it after a start, a restart or a resume)."""
         params = [self.stage.params[name] for name in self.stage.names]
         flat = allreduce.flatten(params)
-        links = self._neighbours(Kind.PARAMETER, 0)
+        links = self._chain_links(Kind.PARAMETER, 0)
         allreduce.broadcast_from_first(flat, self.replica, self.replicas,
                                        send_next=links["send_next"], recv_prev=links["recv_prev"])
         allreduce.unflatten(flat, params)
