@@ -12,8 +12,10 @@
                  └─────┘  gradients  └─────┘  gradients  └─────┘
 
 Steps run in lock-step: the coordinator sends ``step k`` to every stage and waits for all of their
-``step_done`` replies (loss from the last stage, per-parameter gradient digests from all) before
-the next step. That step boundary is where pauses, checkpoints and stops take effect. The main
+``step_done`` replies (loss from the last stage) before the next step. The per-parameter gradient
+digests come later in ``digests`` messages from the workers' helper threads; when the boundary
+has nothing to do, ``step k + 1`` is sent before they arrive (``TrainingRun.may_run_ahead``).
+Boundaries with no step in flight are where pauses, checkpoints and stops take effect. The main
 thread only ever waits in ``poll`` on the control pipes, so a worker's death (end-of-file on its
 control pipe) or error is seen at once and becomes a :class:`WorkerFailed`, never a hang.
 """
@@ -381,12 +383,6 @@ class Coordinator:
                             f"log: {worker.log_path}")
 
     # -- training ----------------------------------------------------------------------------
-
-    def step(self, step: int) -> tuple[float, str, list[dict[str, Any]]]:
-        """Run one step to the end: start it, collect it, combine its digests."""
-        self.start_step(step)
-        loss, replies = self.finish_step(step)
-        return loss, self.step_digest(step), replies
 
     def start_step(self, step: int) -> None:
         self.broadcast({"cmd": "step", "step": step})

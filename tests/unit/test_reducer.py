@@ -7,40 +7,8 @@ import threading
 import numpy as np
 import pytest
 
-from system.protocol import Kind
 from system.reducer import Reducer
-from system.transport import PipeChannel, open_pipe
-
-
-def chain_channels(size: int) -> dict:
-    channels = {}
-    for r in range(size - 1):
-        fwd, back = open_pipe(), open_pipe()
-        channels[r, "next"] = PipeChannel(back[0], fwd[1], name=f"{r}->next")
-        channels[r + 1, "prev"] = PipeChannel(fwd[0], back[1], name=f"{r + 1}->prev")
-    return channels
-
-
-def links_for(channels: dict, rank: int, seen_steps: list):
-    nxt, prv = channels.get((rank, "next")), channels.get((rank, "prev"))
-
-    def recv(channel, step, index):
-        frame = channel.recv_frame(timeout_s=10)
-        assert (frame.kind, frame.step, frame.microbatch) == (Kind.REDUCE, step, index)
-        return frame.array
-
-    def links(step):
-        seen_steps.append(step)
-        return {
-            "send_next": (lambda i, a: nxt.send_frame(Kind.REDUCE, step, i, a, timeout_s=10))
-            if nxt else None,
-            "recv_next": (lambda i: recv(nxt, step, i)) if nxt else None,
-            "send_prev": (lambda i, a: prv.send_frame(Kind.REDUCE, step, i, a, timeout_s=10))
-            if prv else None,
-            "recv_prev": (lambda i: recv(prv, step, i)) if prv else None,
-        }
-
-    return links
+from tests.unit.chain_ranks import run_ranks
 
 
 @pytest.mark.parametrize("size", [2, 3])
@@ -52,12 +20,9 @@ def test_layers_submitted_one_by_one_sum_in_rank_order(size):
     grads = [[(rng.standard_normal(s) * 1e3).astype(np.float32) for s in shapes]
              for _ in range(size)]
     expected = [sum_in_order([grads[r][i] for r in range(size)]) for i in range(len(shapes))]
-    channels = chain_channels(size)
-    errors: list = []
 
-    def rank_body(rank):
-        seen: list = []
-        reducer = Reducer(rank, size, links_for(channels, rank, seen))
+    def rank_body(rank, links):
+        reducer = Reducer(rank, size, links)
         try:
             for step in (1, 2):
                 arrays = [g.copy() for g in grads[rank]]
@@ -66,19 +31,10 @@ def test_layers_submitted_one_by_one_sum_in_rank_order(size):
                 reducer.wait()
                 for got, want in zip(arrays, expected, strict=True):
                     assert np.array_equal(got, want)
-        except Exception as exc:  # noqa: BLE001 - reported in the test thread
-            errors.append(exc)
         finally:
             reducer.close()
 
-    threads = [threading.Thread(target=rank_body, args=(r,)) for r in range(size)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for channel in channels.values():
-        channel.close()
-    assert not errors, errors
+    run_ranks(size, rank_body)
 
 
 def sum_in_order(values: list[np.ndarray]) -> np.ndarray:
