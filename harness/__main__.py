@@ -1,4 +1,4 @@
-"""``python -m harness run|list|fuzz``: the scenario harness's command line.
+"""``python -m pipetrain_harness run|list|fuzz``: the scenario harness's command line.
 
 Exit status: 0 when every expectation held, 1 when a scenario failed (its reproduce command is
 printed), 2 for bad usage or a bad scenario file (one line).
@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from harness.faults.base import FaultError
-from harness.scenario import ScenarioError, load_all, load_scenario
+from pipetrain_harness.faults.base import FaultError
+from pipetrain_harness.scenario import ScenarioError, load_all, load_scenario
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_SCENARIOS = REPO / "scenarios"
@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m harness", description="pipetrain's scenario harness")
+    parser = _Parser(prog="python -m pipetrain_harness", description="pipetrain's scenario harness")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = commands.add_parser("run", help="run scenario files; exit 0 iff every one held")
     run.add_argument("paths", nargs="+", type=Path)
@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    from harness.report import summary_table
-    from harness.runner import run_scenario
+    from pipetrain_harness.report import summary_table
+    from pipetrain_harness.runner import run_scenario
 
     scenarios = []
     for path in args.paths:
@@ -78,7 +78,7 @@ def command_list(args: argparse.Namespace) -> int:
 
 
 def command_fuzz(args: argparse.Namespace) -> int:
-    from harness.fuzz import fuzz
+    from pipetrain_harness.fuzz import fuzz
 
     return fuzz(seconds=args.seconds, seed=args.seed, report_dir=args.report_dir,
                 save_dir=args.save_dir, plant=args.plant)

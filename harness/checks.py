@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from system.config import MATH_KEYS, build_config
-from system.rundir import load_params, read_events, read_state
+from pipetrain.config import MATH_KEYS, build_config
+from pipetrain.run.rundir import load_params, read_events, read_state
 
 REPO = Path(__file__).resolve().parent.parent
 STATUSES = ("valid", "invalid", "unknown")
@@ -35,12 +35,12 @@ STATUSES = ("valid", "invalid", "unknown")
 class RunOutcome:
     """Everything the checks judge, gathered by the runner once the run is over."""
 
-    scenario: Any  # harness.scenario.Scenario
+    scenario: Any  # pipetrain_harness.scenario.Scenario
     run_dir: Path
     exit_status: int
     stderr: str
     wall_s: float
-    history: Any  # harness.history.History
+    history: Any  # pipetrain_harness.history.History
     monitor_samples: list[dict[str, Any]]
     peak_rss_mb: dict[int, float]
     leaks: list[str]
@@ -301,7 +301,7 @@ def ensure_reference(train: dict[str, Any], cache_dir: Path, *, timeout_s: float
     Built under a temporary name and renamed into place, so parallel scenario runs never see
     half a reference; when two build the same one, the first rename wins and both use it.
     """
-    from harness.scenario import scenario_to_toml
+    from pipetrain_harness.scenario import scenario_to_toml
 
     values = reference_config(train)
     digest = build_config({**values, "stages": 1}).math_digest()
@@ -319,7 +319,7 @@ def ensure_reference(train: dict[str, Any], cache_dir: Path, *, timeout_s: float
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         try:
             result = subprocess.run(
-                [sys.executable, "-m", "system.cli", "reference", str(config_path),
+                [sys.executable, "-m", "pipetrain.cli", "reference", str(config_path),
                  "--run-dir", str(run_dir), "--quiet"],
                 capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, cwd=REPO,
                 timeout=timeout_s,

@@ -1,4 +1,4 @@
-"""``python -m harness fuzz``: random fault plans drawn from a seed, until the time runs out.
+"""``python -m pipetrain_harness fuzz``: random fault plans drawn from a seed, until the time runs out.
 
 Each plan is a small training run (random stages, replicas, micro-batches, schedule, optimizer,
 checkpoint interval) with one or two faults drawn from a menu of the ones a correct system must
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.scenario import load_scenario, scenario_to_toml
+from pipetrain_harness.scenario import load_scenario, scenario_to_toml
 
 PLANTED_ENV = "PIPETRAIN_TEST_PLANTED_BUG"
 
@@ -34,7 +34,7 @@ def draw_plan(rng: random.Random, index: int, seed: int) -> dict[str, Any]:
     faults = [_draw_fault(rng, stages, replicas) for _ in range(rng.randint(1, 2))]
     return {
         "name": f"fuzz-{seed}-{index}",
-        "description": "a random fault plan drawn by `python -m harness fuzz`",
+        "description": "a random fault plan drawn by `python -m pipetrain_harness fuzz`",
         "seed": seed, "step_delay_s": 0.01, "timeout_s": 120,
         "train": train, "faults": faults,
         "expect": {"equivalence": "bitwise", "exit_status": 0, "no_leaks": True},
@@ -67,7 +67,7 @@ def _draw_fault(rng: random.Random, stages: int, replicas: int) -> dict[str, Any
 
 def fuzz(*, seconds: float, seed: int, report_dir: Path, save_dir: Path,
          plant: str | None = None) -> int:
-    from harness.runner import run_scenario
+    from pipetrain_harness.runner import run_scenario
 
     if plant:
         os.environ[PLANTED_ENV] = plant  # inherited by every run the fuzzer launches
@@ -89,7 +89,7 @@ def fuzz(*, seconds: float, seed: int, report_dir: Path, save_dir: Path,
             plan["description"] = ("found by fuzz: " + "; ".join(
                 f"{r.name}: {r.message}" for r in results if r.status != "valid"))[:300]
             saved.write_text(scenario_to_toml(plan))
-            reproduce = f"python -m harness run {saved}"
+            reproduce = f"python -m pipetrain_harness run {saved}"
             if plant:
                 reproduce = f"{PLANTED_ENV}={plant} {reproduce}"
             print(f"   failed: saved {saved}\n   reproduce: {reproduce}", flush=True)

@@ -30,7 +30,7 @@ from typing import Any
 
 import psutil
 
-from system.inbox import CONTROL_SIGNALS
+from pipetrain.runtime.inbox import CONTROL_SIGNALS
 
 MARKER_ENV = "PIPETRAIN_HARNESS_TOKEN"
 FD_GROWTH_LIMIT = 16  # more new fds than this over a process's life counts as a leak
@@ -70,10 +70,10 @@ class Baseline:
 
 
 def role_of(cmdline: list[str], name: str) -> str:
-    if "system.cli" in cmdline or any(os.path.basename(arg) == "pipetrain"
+    if "pipetrain.cli" in cmdline or any(os.path.basename(arg) == "pipetrain"
                                       for arg in cmdline[:2]):
         return "coordinator"
-    if "system.worker" in cmdline:
+    if "pipetrain.runtime.worker" in cmdline:
         return "worker"
     return name
 

@@ -1,4 +1,4 @@
-"""Collects scenario files as pytest items: ``pytest -p harness.pytest_plugin scenarios/``.
+"""Collects scenario files as pytest items: ``pytest -p pipetrain_harness.pytest_plugin scenarios/``.
 
 Each ``*.toml`` under the given paths becomes one test that runs the scenario and fails with the
 failed checks and the command that reproduces it. With pytest-xdist, scenarios run in parallel;
@@ -18,7 +18,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_collect_file(parent: pytest.Collector, file_path: Path):
     # scenarios/found/ holds what `fuzz` saved: failures to reproduce and fix, run on purpose
-    # (`python -m harness run scenarios/found/...`), not part of the suite until fixed.
+    # (`python -m pipetrain_harness run scenarios/found/...`), not part of the suite until fixed.
     if file_path.suffix == ".toml" and "found" not in file_path.parent.parts[-1:]:
         return ScenarioFile.from_parent(parent, path=file_path)
     return None
@@ -26,7 +26,7 @@ def pytest_collect_file(parent: pytest.Collector, file_path: Path):
 
 class ScenarioFile(pytest.File):
     def collect(self):
-        from harness.scenario import load_scenario
+        from pipetrain_harness.scenario import load_scenario
 
         scenario = load_scenario(self.path)
         yield ScenarioItem.from_parent(self, name=scenario.name, scenario=scenario)
@@ -42,7 +42,7 @@ class ScenarioItem(pytest.Item):
         self.scenario = scenario
 
     def runtest(self) -> None:
-        from harness.runner import run_scenario
+        from pipetrain_harness.runner import run_scenario
 
         report_dir = Path(self.config.getoption("--report-dir"))
         verdict, results, _report, reproduce = run_scenario(self.scenario, report_dir=report_dir)

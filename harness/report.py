@@ -16,8 +16,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from harness.checks import CheckResult, RunOutcome, verdict
-from system.rundir import read_events
+from pipetrain.run.rundir import read_events
+from pipetrain_harness.checks import CheckResult, RunOutcome, verdict
 
 MB = 1024 * 1024
 COLOURS = {"valid": "#1a7f37", "invalid": "#cf222e", "unknown": "#9a6700"}

@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.checks import CheckResult, RunOutcome, ensure_reference, run_checks, verdict
-from harness.faults.base import Context, Fault, Launch, Target
-from harness.history import History
-from harness.monitor import Baseline, Monitor
-from harness.report import write_report
-from harness.scenario import Scenario, scenario_to_toml
+from pipetrain_harness.checks import CheckResult, RunOutcome, ensure_reference, run_checks, verdict
+from pipetrain_harness.faults.base import Context, Fault, Launch, Target
+from pipetrain_harness.history import History
+from pipetrain_harness.monitor import Baseline, Monitor
+from pipetrain_harness.report import write_report
+from pipetrain_harness.scenario import Scenario, scenario_to_toml
 
 REPO = Path(__file__).resolve().parent.parent
 TICK_S = 0.02
@@ -99,7 +99,7 @@ class ScenarioRun:
 
     def launch(self, resume: bool) -> subprocess.Popen:
         config_path = self.work_dir / "train.toml"
-        args = [sys.executable, "-m", "system.cli", "train", str(config_path),
+        args = [sys.executable, "-m", "pipetrain.cli", "train", str(config_path),
                 "--run-dir", str(self.run_dir), "--quiet"]
         if resume:
             args.append("--resume")
@@ -252,7 +252,7 @@ class ScenarioRun:
             return None
 
     def reproduce_command(self) -> str:
-        return f"python -m harness run {self.scenario.path} --seed {self.seed}"
+        return f"python -m pipetrain_harness run {self.scenario.path} --seed {self.seed}"
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:

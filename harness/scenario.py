@@ -1,7 +1,7 @@
 """Scenario files: load and validate one failure case (a TOML file in ``scenarios/``).
 
 A scenario names a training run (``[train]``, the keys of the training config), the faults to
-inject into it (``[[faults]]``, built by ``harness.faults.build_fault``) and what must hold
+inject into it (``[[faults]]``, built by ``pipetrain_harness.faults.build_fault``) and what must hold
 afterwards (``[expect]``). Everything is checked when the file is loaded, so a typo fails in
 one line naming the file and the key, before any process starts, and never half-way through a
 run. ``scenario_to_toml`` writes the same structure back (the fuzzer saves failing plans with
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from system.config import ConfigError, TrainConfig, build_config, load_toml
+from pipetrain.config import ConfigError, TrainConfig, build_config, load_toml
 
 NAME_RE = re.compile(r"[a-z0-9-]+")
 EQUIVALENCES = ("bitwise", "tolerance", "none")
@@ -57,7 +57,7 @@ class Scenario:
     description: str
     seed: int
     train: dict[str, Any]
-    faults: list[Any]  # harness.faults.base.Fault instances, in file order
+    faults: list[Any]  # pipetrain_harness.faults.base.Fault instances, in file order
     expect: Expect
     step_delay_s: float = 0.0
     resume_after_stop: bool = False
@@ -157,7 +157,7 @@ def _parse_train(checker: _Checker, train: dict[str, Any]) -> dict[str, Any]:
 
 
 def _parse_faults(checker: _Checker, tables: Any) -> list[Any]:
-    from harness.faults import FaultError, build_fault
+    from pipetrain_harness.faults import FaultError, build_fault
 
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         checker.fail("faults", "expected an array of tables ([[faults]])")

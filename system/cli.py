@@ -15,14 +15,16 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 # Before numpy loads (the imports below): the coordinator must stay the only thread of its
-# process, so that every control signal lands on its main thread (see system.control: handlers
-# running on two threads at once could reorder a SIGTSTP and the SIGCONT after it). BLAS would
+# process, so that every control signal lands on its main thread (see
+# pipetrain.runtime.signals: handlers running on two threads at once could reorder a SIGTSTP
+# and the SIGCONT after it). BLAS would
 # otherwise start a thread pool at import. `reference --blas-threads N` still gets N threads
 # (threadpoolctl raises the count); stage workers get theirs from the coordinator.
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = "1"
 
-from system.config import (  # noqa: E402
+import pipetrain  # noqa: E402
+from pipetrain.config import (  # noqa: E402
     BALANCES,
     DTYPES,
     SCHEDULES,
@@ -32,14 +34,14 @@ from system.config import (  # noqa: E402
     build_config,
     load_toml,
 )
-from system.data.datasets import NORMALIZATIONS, DataError  # noqa: E402
-from system.nn.optim import OPTIMIZERS  # noqa: E402
+from pipetrain.data.datasets import NORMALIZATIONS  # noqa: E402
+from pipetrain.nn.optim import OPTIMIZERS  # noqa: E402
+from pipetrain.status import ACTIVE_STATES, ExitCode, RunState, UserError  # noqa: E402
+from pipetrain.threads import CONTROL_SIGNALS  # noqa: E402
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ABORTED = 0, 1, 2, 130
 
-
-class UsageError(Exception):
-    """A mistake of the user's: reported in one line, exit 2."""
+class UsageError(UserError):
+    """A mistake on the command line: reported in one line, exit 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,6 +83,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pipetrain", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version",
+                        version=f"pipetrain {pipetrain.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_run_options(commands.add_parser("train", help="the distributed run"))
     _add_run_options(commands.add_parser("reference", help="the same run in one process"))
@@ -139,14 +143,14 @@ def _read_run(run_dir: str) -> dict[str, Any]:
 def send_control(command: str, run_dir: str) -> int:
     state = _read_run(run_dir)
     pid = state.get("coordinator_pid")
-    if state.get("state") not in ("running", "paused", "starting", "recovering") or not pid:
+    if state.get("state") not in ACTIVE_STATES or not pid:
         raise UsageError(f"{run_dir}: the run is not running (state: {state.get('state')})")
     try:
         os.kill(int(pid), SIGNALS[command])
     except ProcessLookupError:
         raise UsageError(f"{run_dir}: coordinator pid {pid} is gone") from None
     print(f"sent {SIGNALS[command].name} to coordinator pid {pid}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def show_status(run_dir: str, as_json: bool) -> int:
@@ -161,18 +165,18 @@ def show_status(run_dir: str, as_json: bool) -> int:
     else:
         for key, value in summary.items():
             print(f"{key:16} {value}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def prepare_run(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
     """The resolved config and run directory of a train or reference command, checked."""
-    from system.rundir import default_run_dir
+    from pipetrain.run.rundir import default_run_dir
 
     config = resolve_config(args)
     run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(args.command)
     if args.resume and not config.run_dir:
         raise UsageError("--resume needs --run-dir of the run to continue")
-    if args.resume and _read_run(str(run_dir)).get("state") == "done":
+    if args.resume and _read_run(str(run_dir)).get("state") == RunState.DONE:
         raise UsageError(f"{run_dir}: the run already finished; nothing to resume")
     if not args.resume and (run_dir / "events.jsonl").exists():
         raise UsageError(f"{run_dir}: already holds a run (use --resume, or another --run-dir)")
@@ -188,9 +192,7 @@ def run_bench(args: list[str]) -> int:
     if root is None:
         raise UsageError("bench: needs the source checkout (bench/run.py not found next to "
                          "the system package or in the current directory)")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    code = subprocess.call([sys.executable, "-m", "bench.run", *args], env=env)
+    code = subprocess.call([sys.executable, "-m", "bench.run", *args], cwd=root)
     return code if code >= 0 else 128 - code
 
 
@@ -206,28 +208,27 @@ def run(argv: list[str] | None = None) -> int:
     from threadpoolctl import threadpool_limits
 
     if args.command == "train":  # --transport mpi: every rank of `mpirun -n N ...` comes here
-        from system import mpi_launch
+        from pipetrain.train import mpi_run
 
-        if mpi_launch.launched_by_mpirun():
-            return mpi_launch.main(lambda: prepare_run(args), quiet=args.quiet,
-                                   resume=args.resume)
+        if mpi_run.launched_by_mpirun():
+            return mpi_run.main(lambda: prepare_run(args), quiet=args.quiet,
+                                resume=args.resume)
     config, run_dir = prepare_run(args)
     if args.command == "train" and config.transport == "mpi":
-        raise UsageError(mpi_launch.launch_hint(config))
+        raise UsageError(mpi_run.launch_hint(config))
     # The coordinator only evaluates: its BLAS stays single-threaded (see the top of this file).
     with threadpool_limits(config.blas_threads if args.command == "reference" else 1):
         if args.command == "reference":
-            from system.reference import run_reference
+            from pipetrain.train.reference import run_reference
 
             status = run_reference(config, run_dir, quiet=args.quiet)
         else:
-            from system.control import HANDLED
-            from system.trainer import run_training
+            from pipetrain.train.trainer import run_training
 
             # Outside the run's own handling (installed first thing in run_training and
             # restored when it returns) a late control signal must not kill or stop the
             # process on its way out: its work is done, the exit status must stand.
-            for sig in HANDLED:
+            for sig in CONTROL_SIGNALS:
                 signal.signal(sig, signal.SIG_IGN)
             status = run_training(config, run_dir, quiet=args.quiet, resume=args.resume)
     if not args.quiet:
@@ -238,12 +239,12 @@ def run(argv: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None) -> NoReturn:
     try:
         status = run(argv)
-    except (UsageError, ConfigError, DataError) as exc:
+    except UserError as exc:
         print(f"pipetrain: error: {exc}", file=sys.stderr)
-        status = EXIT_USAGE
+        status = ExitCode.USAGE
     except KeyboardInterrupt:
         print("pipetrain: aborted", file=sys.stderr)
-        status = EXIT_ABORTED
+        status = ExitCode.ABORTED
     sys.exit(status)
 
 

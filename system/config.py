@@ -15,16 +15,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from system.data.datasets import NORMALIZATIONS
-from system.nn.optim import OPTIMIZERS
+from pipetrain.data.datasets import NORMALIZATIONS, DataError
+from pipetrain.data.workload import DataSpec, Workload
+from pipetrain.nn.optim import OPTIMIZERS
+from pipetrain.pipeline.schedule import SCHEDULES as SCHEDULE_BUILDERS
+from pipetrain.pipeline.stage import ModelSpec
+from pipetrain.status import UserError
 
-SCHEDULES = ("gpipe", "1f1b", "zb")
+SCHEDULES = tuple(SCHEDULE_BUILDERS)
 DTYPES = ("float64", "float32")
 TRANSPORTS = ("pipe", "mpi")
 BALANCES = ("params", "time")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad configuration value; the message is one line and names the key."""
 
 
@@ -74,6 +78,28 @@ class TrainConfig:
     @property
     def num_layers(self) -> int:
         return len(self.layers) - 1
+
+    @property
+    def op_timeout_s(self) -> float:
+        """How long one send or receive of a frame may take before the link counts as stalled."""
+        return max(60.0, 10 * self.heartbeat_timeout)
+
+    @property
+    def augmentation(self) -> str | None:
+        """The augmentation ``--augment`` means for this dataset (``pipetrain.data.augment``)."""
+        if not self.augment:
+            return None
+        return "digits" if self.dataset == "digits" else "noise"
+
+    def data_spec(self) -> DataSpec:
+        return DataSpec(dataset=self.dataset, holdout=self.holdout, seed=self.seed,
+                        normalize=self.normalize, dtype=self.dtype, batch_size=self.batch_size,
+                        epochs=self.epochs)
+
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec(layers=self.layers, seed=self.seed, dtype=self.dtype,
+                         optimizer=self.optimizer, lr=self.lr, batch_size=self.batch_size,
+                         microbatches=self.microbatches)
 
 
 # Keys whose change changes the parameters a run produces; a checkpoint is only resumed under
@@ -191,3 +217,18 @@ def validate(config: TrainConfig, source: str = "config") -> None:
             fail(key, f"{getattr(config, key)!r} is not one of {', '.join(allowed)}")
     if not config.dataset:
         fail("dataset", "must be 'digits' or a path")
+
+
+def check_data(config: TrainConfig, workload: Workload) -> None:
+    """Refuse a model that does not fit its data, with a message that says how to fix it."""
+    dataset = workload.dataset
+    if dataset.num_features != config.layers[0]:
+        raise DataError(
+            f"{dataset.name}: {dataset.num_features} features but the first layer expects "
+            f"{config.layers[0]} (set --layers {dataset.num_features},...)"
+        )
+    if dataset.num_classes > config.layers[-1]:
+        raise DataError(
+            f"{dataset.name}: labels go up to {dataset.num_classes - 1} but the last layer has "
+            f"{config.layers[-1]} outputs"
+        )

@@ -1,6 +1,6 @@
 """Fault kinds, one module each, in an explicit registry (no registration by import side effect).
 
-Add a kind: write ``harness/faults/<kind>.py`` with a :class:`~harness.faults.base.Fault`
+Add a kind: write ``harness/faults/<kind>.py`` with a :class:`~pipetrain_harness.faults.base.Fault`
 subclass and list it here.
 """
 
@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.faults.base import Context, Fault, FaultError, Launch, Target
+from pipetrain_harness.faults.base import Context, Fault, FaultError, Launch, Target
 
 FAULTS: dict[str, type[Fault]] = {}
 
 
 def _register() -> None:
-    from harness.faults import (  # noqa: PLC0415 - one place lists every kind
+    from pipetrain_harness.faults import (  # noqa: PLC0415 - one place lists every kind
         checkpoint_crash,
         corrupt,
         damage_checkpoint,

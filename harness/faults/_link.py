@@ -1,6 +1,6 @@
 """What the four link kinds (delay, throttle, corrupt, sever) share: each adds one entry to the
 plan in ``PIPETRAIN_LINK_FAULTS`` before launch, and the shim in the sending stage
-(:mod:`system.linkfaults`) acts on the real pipe at the planned steps.
+(:mod:`pipetrain_harness.linkshim`) acts on the real pipe at the planned steps.
 
 Because the shim counts steps, a link fault is placed with ``at_step`` (default 1) and lasts
 ``for_steps`` (0: to the end); ``duration_s`` and ``after_checkpoint`` cannot be honoured
@@ -13,9 +13,9 @@ import json
 import re
 from typing import Any, ClassVar
 
-from harness.faults._settings import refuse, setting
-from harness.faults.base import Context, Fault, FaultError, Launch
-from system.linkfaults import ENV
+from pipetrain_harness.faults._settings import refuse, setting
+from pipetrain_harness.faults.base import Context, Fault, FaultError, Launch
+from pipetrain_harness.linkshim import ENV
 
 LINK_PARAMS: dict[str, type | tuple[type, ...]] = {"link": str, "replica": int}
 LINK_PATTERN = re.compile(r"(\d+)->(\d+)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.faults.base import Fault, FaultError
+from pipetrain_harness.faults.base import Fault, FaultError
 
 
 def setting(fault: Fault, key: str, default: Any, *, minimum: float,

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from harness.faults.base import Context, Fault, FaultError
+from pipetrain_harness.faults.base import Context, Fault, FaultError
 
 TARGET_PATTERN = re.compile(r"coordinator|random_worker|stage:\d+(:replica:\d+)?")
 

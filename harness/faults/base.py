@@ -76,7 +76,7 @@ class Context:
 
     run_dir: Path
     target: Target
-    history: Any  # harness.history.History
+    history: Any  # pipetrain_harness.history.History
     rng: random.Random
     progress: Any = None  # callable -> last step seen, set by the runner
 

@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.faults._settings import setting
-from harness.faults._signals import OwnedThread, check_target, parse_signal, resolve, send
-from harness.faults.base import Context, Fault, Launch
+from pipetrain_harness.faults._settings import setting
+from pipetrain_harness.faults._signals import OwnedThread, check_target, parse_signal, resolve, send
+from pipetrain_harness.faults.base import Context, Fault, Launch
 
-# Read by system.testhooks (the stages sleep this long mid-write).
+# Read by pipetrain_harness.testhooks (the stages sleep this long mid-write).
 CHECKPOINT_DELAY_ENV = "PIPETRAIN_TEST_CHECKPOINT_DELAY_S"
 POLL_S = 0.002
 

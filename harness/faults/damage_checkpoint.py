@@ -6,7 +6,7 @@ when it next restarts or resumes. There is nothing to heal: damage on disk stays
 
 from __future__ import annotations
 
-from harness.faults.base import Context, Fault
+from pipetrain_harness.faults.base import Context, Fault
 
 MODES = ("flip", "truncate")
 
@@ -19,7 +19,7 @@ class DamageCheckpoint(Fault):
         super().__init__(table, where=where)
         self.mode = table.get("mode", "flip")
         if self.mode not in MODES:
-            from harness.faults.base import FaultError
+            from pipetrain_harness.faults.base import FaultError
 
             raise FaultError(f"{where}: mode {self.mode!r} is not one of {', '.join(MODES)}")
 

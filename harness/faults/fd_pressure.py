@@ -7,8 +7,8 @@ from __future__ import annotations
 import resource
 from typing import Any
 
-from harness.faults._settings import refuse, setting
-from harness.faults.base import Context, Fault, FaultError, Launch
+from pipetrain_harness.faults._settings import refuse, setting
+from pipetrain_harness.faults.base import Context, Fault, FaultError, Launch
 
 MIN_OPEN_FILES = 16  # below this not even the interpreter starts reliably
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-from harness.faults._signals import check_target, resolve, send
-from harness.faults.base import Context, Fault, FaultError
+from pipetrain_harness.faults._signals import check_target, resolve, send
+from pipetrain_harness.faults.base import Context, Fault, FaultError
 
 
 class Freeze(Fault):

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.faults._signals import check_target, parse_signal, resolve, send, worker_restarts
-from harness.faults.base import Context, Fault
+from pipetrain_harness.faults._signals import (
+    check_target,
+    parse_signal,
+    resolve,
+    send,
+    worker_restarts,
+)
+from pipetrain_harness.faults.base import Context, Fault
 
 
 class Kill(Fault):

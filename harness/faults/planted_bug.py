@@ -2,7 +2,7 @@
 harness catches a broken system: ``wrong_gradient`` (one gradient element one ulp off: the
 equivalence check must fail), ``leak_fd`` or ``leak_child`` (the leak check must fail).
 
-The bug lives in :mod:`system.testhooks` and fires in the first worker generation only; the run
+The bug lives in :mod:`pipetrain_harness.testhooks` and fires in the first worker generation only; the run
 itself goes on without a restart, which is the point: only the checks can see it.
 """
 
@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from harness.faults._settings import refuse, setting
-from harness.faults.base import Context, Fault, FaultError, Launch
-from system.testhooks import ENV
+from pipetrain_harness.faults._settings import refuse, setting
+from pipetrain_harness.faults.base import Context, Fault, FaultError, Launch
+from pipetrain_harness.testhooks import ENV
 
 BUGS = {"wrong_gradient": "perturb", "leak_fd": "leak_fd", "leak_child": "leak_child"}
 

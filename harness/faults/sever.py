@@ -4,7 +4,7 @@ worker generation)."""
 
 from __future__ import annotations
 
-from harness.faults._link import LINK_PARAMS, LinkFault
+from pipetrain_harness.faults._link import LINK_PARAMS, LinkFault
 
 
 class Sever(LinkFault):

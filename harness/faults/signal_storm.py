@@ -19,8 +19,9 @@ import threading
 import time
 from typing import Any
 
-from harness.faults._settings import setting
-from harness.faults._signals import (
+from pipetrain.runtime.signals import HANDLED
+from pipetrain_harness.faults._settings import setting
+from pipetrain_harness.faults._signals import (
     STOPPING,
     OwnedThread,
     check_target,
@@ -29,8 +30,7 @@ from harness.faults._signals import (
     send,
     worker_restarts,
 )
-from harness.faults.base import Context, Fault, FaultError
-from system.control import HANDLED
+from pipetrain_harness.faults.base import Context, Fault, FaultError
 
 # Signals the coordinator survives: its control signals, a kernel stop (the storm ends with a
 # SIGCONT), and the ones Python or the default action ignore.

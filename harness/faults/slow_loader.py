@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.faults._settings import refuse, setting
-from harness.faults.base import Context, Fault, Launch
-from system.testhooks import LOADER_DELAY_ENV
+from pipetrain_harness.faults._settings import refuse, setting
+from pipetrain_harness.faults.base import Context, Fault, Launch
+from pipetrain_harness.testhooks import LOADER_DELAY_ENV
 
 
 class SlowLoader(Fault):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.faults._link import LINK_PARAMS, LinkFault
-from harness.faults._settings import setting
+from pipetrain_harness.faults._link import LINK_PARAMS, LinkFault
+from pipetrain_harness.faults._settings import setting
 
 
 class Throttle(LinkFault):

@@ -1,6 +1,6 @@
 """Datasets (built-in digits, CSV, NPZ), the held-out split, normalisation and the sampler."""
 
-from system.data.datasets import DataError, Dataset, load_dataset
-from system.data.sampler import Batches, holdout_split, split_batch
+from pipetrain.data.datasets import DataError, Dataset, load_dataset
+from pipetrain.data.sampler import Batches, holdout_split, split_batch
 
 __all__ = ["Batches", "DataError", "Dataset", "holdout_split", "load_dataset", "split_batch"]

@@ -19,11 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pipetrain.status import UserError
+
 DIGITS = "digits"
 NORMALIZATIONS = ("none", "standard", "minmax")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset that cannot be used; the message names the file, line and problem."""
 
 
@@ -60,7 +62,7 @@ def load_dataset(spec: str) -> Dataset:
 
 
 def _load_digits() -> Dataset:
-    raw = resources.files("system.data").joinpath("digits.csv.gz").read_bytes()
+    raw = resources.files("pipetrain.data").joinpath("digits.csv.gz").read_bytes()
     table = np.loadtxt(io.StringIO(gzip.decompress(raw).decode("ascii")), delimiter=",")
     # Pixels are counts 0..16: scaled to [0, 1] as the contract says.
     return Dataset(DIGITS, table[:, :-1] / 16.0, table[:, -1].astype(np.int64))

@@ -26,23 +26,18 @@ generators of the augmentation are GIL-bound, so one or two threads are enough.
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 
-from system.data.augment import AUGMENTATIONS
-from system.data.sampler import split_batch
-from system.workload import Workload
-
-# Handlers run in the main thread only; loader threads block these so the kernel never picks one
-# of them to take a process-directed signal (a pending signal then waits for the main thread).
-CONTROL_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2,
-                   signal.SIGTSTP, signal.SIGCONT, signal.SIGCHLD}
+from pipetrain import hooks
+from pipetrain.data.augment import AUGMENTATIONS
+from pipetrain.data.sampler import split_batch
+from pipetrain.data.workload import Workload
+from pipetrain.threads import start_helper
 
 
 class LoaderError(RuntimeError):
@@ -86,8 +81,7 @@ class Loader:
     def __init__(
         self, workload: Workload, *, replica: int, replicas: int, microbatches: int,
         need_x: bool, need_y: bool, threads: int = 2, prefetch: int = 4,
-        augment: str | None = None, seed: int, dtype,
-        test_delay_s: Callable[[int, int], float] | None = None,
+        augment: str | None = None, seed: int, dtype, place: hooks.Place | None = None,
     ) -> None:
         for name, value in (("threads", threads), ("prefetch", prefetch),
                             ("replicas", replicas), ("microbatches", microbatches)):
@@ -105,15 +99,14 @@ class Loader:
                                 microbatches=microbatches, need_x=need_x, need_y=need_y,
                                 augment=augment, seed=seed, dtype=dtype)
         self._microbatches, self._num_threads = microbatches, threads
-        self._test_delay_s = test_delay_s
+        self._place = place  # who this loader serves, for the loader_item hook
         # Semaphore: a counted bound is exactly "at most `prefetch` items in flight"; acquire
         # blocks a producer without CPU until the consumer frees a slot (back-pressure).
         self._slots = threading.Semaphore(prefetch)
         # Condition: the reorder buffer and counters change under one lock, and each waiter
         # (the consumer for its item, pause() for idle producers) re-checks its own predicate.
         self._cond = threading.Condition()
-        # Event: stop is a one-way latch every thread can test without the lock; its wait(t)
-        # also serves as the test delay's sleep that ends early on stop.
+        # Event: stop is a one-way latch every thread can test without the lock.
         self._stopping = threading.Event()
         # Event: "may produce"; cleared by pause(), a paused producer sleeps in wait() on it.
         self._may_produce = threading.Event()
@@ -138,12 +131,9 @@ class Loader:
             raise ValueError(f"loader: steps {first_step}..{last_step} outside 1..{total}")
         self._first, self._count = first_step, (last_step - first_step + 1) * self._microbatches
         for t in range(self._num_threads):
-            thread = threading.Thread(target=self._produce, name=f"loader-{t}")
-            thread.start()
-            self._threads.append(thread)
+            self._threads.append(start_helper(self._produce, name=f"loader-{t}"))
 
     def _produce(self) -> None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
         while True:
             self._may_produce.wait()
             self._slots.acquire()
@@ -159,8 +149,7 @@ class Loader:
             step, microbatch = self._item(k)
             item, error = None, None
             try:
-                if self._test_delay_s is not None:
-                    self._stopping.wait(self._test_delay_s(step, microbatch))
+                hooks.current().loader_item(self._place, step, microbatch)
                 item = self._prepare(step, microbatch)
             except BaseException as exc:  # any failure must reach the consumer
                 error = exc

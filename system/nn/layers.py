@@ -78,9 +78,6 @@ class Dense:
         self._spare_grads = (self.grad_weight, self.grad_bias)
         self.grad_weight, self.grad_bias = spare
 
-    def parameters(self) -> dict[str, np.ndarray]:
-        return {f"layers.{self.index}.weight": self.weight, f"layers.{self.index}.bias": self.bias}
-
     def grads(self) -> dict[str, np.ndarray]:
         return {
             f"layers.{self.index}.weight": self.grad_weight,
@@ -93,8 +90,8 @@ def relu(x: np.ndarray) -> np.ndarray:
 
 
 def relu_backward(pre_activation: np.ndarray, grad_y: np.ndarray) -> np.ndarray:
-    # A zero of grad_y's own dtype: with a Python 0 numpy takes a casting path that is twice
-    # as slow (159 against 75 us for 64 x 1024 float32 here); the result is the same bits.
+    # A zero of grad_y's own dtype: a Python 0 sends numpy down a slower casting path that
+    # gives the same bits.
     return np.where(pre_activation > 0, grad_y, grad_y.dtype.type(0))
 
 
@@ -232,12 +229,6 @@ class Segment:
     def swap_grad_buffers(self) -> None:
         for layer in self.layers:
             layer.swap_grad_buffers()
-
-    def parameters(self) -> dict[str, np.ndarray]:
-        params: dict[str, np.ndarray] = {}
-        for layer in self.layers:
-            params.update(layer.parameters())
-        return params
 
     def grads(self) -> dict[str, np.ndarray]:
         grads: dict[str, np.ndarray] = {}

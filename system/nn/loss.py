@@ -27,3 +27,10 @@ def softmax_cross_entropy(
     grad[rows, labels] -= 1
     grad /= global_batch_size
     return loss, grad
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The fraction of rows whose largest logit is at the label (NaN for no rows)."""
+    if len(labels) == 0:
+        return float("nan")
+    return float((logits.argmax(axis=1) == labels).mean())

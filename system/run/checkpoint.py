@@ -20,13 +20,14 @@ import os
 import re
 import shutil
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from system.rundir import fsync_dir, write_atomic
+from pipetrain.run.rundir import fsync_dir, write_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -85,16 +86,20 @@ def begin(checkpoints: Path, step: int) -> Path:
 
 
 def commit(tmp: Path, *, step: int, epoch: int, files: dict[str, str], config: dict[str, Any],
-           config_digest: str) -> Path:
+           config_digest: str, on_phase: Callable[[str], None] = lambda phase: None) -> Path:
+    """Write the manifest into ``tmp`` and rename it into place; ``on_phase`` is told of each
+    phase done (``manifest_written``, ``committed``)."""
     manifest = {"format": FORMAT, "step": step, "epoch": epoch, "data_position": {"step": step},
                 "rng": {"derived_from_seed": config.get("seed")}, "config": config,
                 "config_digest": config_digest, "files": files}
     write_atomic(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    on_phase("manifest_written")
     final = tmp.parent / step_dir_name(step)
     if final.exists():  # the same step checkpointed twice (a request at a periodic step)
         shutil.rmtree(final)
     os.rename(tmp, final)
     fsync_dir(tmp.parent)
+    on_phase("committed")
     return final
 
 

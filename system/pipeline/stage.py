@@ -1,9 +1,10 @@
 """The compute of one pipeline stage, free of pipes and processes.
 
 A :class:`Stage` holds its own segment of layers, its optimizer and the state of the micro-batches
-in flight. It executes one schedule :class:`~system.schedule.Action` at a time and *says* what to
-send (an :class:`Outgoing`) instead of touching pipes; the worker process (``system.worker``)
-moves the frames. This keeps the math testable in one process and the plumbing thin.
+in flight. It executes one schedule :class:`~pipetrain.pipeline.schedule.Action` at a time and
+*says* what to send (an :class:`Outgoing`) instead of touching pipes; the worker process
+(``pipetrain.runtime.worker``) moves the frames. This keeps the math testable in one process and
+the plumbing thin.
 
 Where a stage's inputs come from:
 
@@ -20,13 +21,32 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from system.data.loader import MicroBatch
-from system.nn import init_parameters, make_optimizer, softmax_cross_entropy
-from system.nn.layers import build_segment
-from system.protocol import Kind
-from system.schedule import Action, Op
+from pipetrain.data.loader import MicroBatch
+from pipetrain.nn import init_parameters, make_optimizer, softmax_cross_entropy
+from pipetrain.nn.layers import build_segment
+from pipetrain.pipeline.schedule import Action, Op
+from pipetrain.wire.frames import Kind
 
 UPSTREAM, DOWNSTREAM = "upstream", "downstream"
+# (step, {name: gradient}): one layer's gradients, final for the step (Stage.on_grads_final)
+GradsFinal = Callable[[int, dict[str, np.ndarray]], None]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a stage needs to know of the whole model and its training step."""
+
+    layers: tuple[int, ...]  # layer sizes, input first
+    seed: int
+    dtype: str
+    optimizer: str
+    lr: float
+    batch_size: int  # the global batch: every loss is divided by it
+    microbatches: int
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers) - 1
 
 
 @dataclass(frozen=True)
@@ -38,34 +58,36 @@ class Outgoing:
 
 
 class Stage:
+    """Layers ``[first_layer, stop_layer)`` of the model, as stage ``index`` of ``num_stages``.
+
+    ``on_grads_final(step, grads)`` is called with each layer's gradient arrays as soon as they
+    are final for the step (the last micro-batch's weight pass has gone through the layer), last
+    layer first; a replicated stage starts reducing them there.
+    """
+
     def __init__(
-        self, *, config, index: int, num_stages: int, first_layer: int, stop_layer: int,
-        source: Callable[[int, int], MicroBatch] | None, replica: int = 0,
+        self, *, model: ModelSpec, index: int, num_stages: int, first_layer: int,
+        stop_layer: int, source: Callable[[int, int], MicroBatch] | None,
+        on_grads_final: GradsFinal | None = None,
     ) -> None:
-        self.config = config
+        self.model = model
         self.index = index
-        self.num_stages = num_stages
-        self.replica = replica
         self.is_first = index == 0
         self.is_last = index == num_stages - 1
         if (self.is_first or self.is_last) and source is None:
             raise ValueError("the first and last stages need a source of micro-batches")
         # source(step, micro-batch) -> MicroBatch: the loader's get() in a worker process.
         self.source = source
-        sizes = list(config.layers)
-        all_params = init_parameters(sizes, config.seed, np.dtype(config.dtype), first_layer,
-                                     stop_layer)
-        self.params = all_params
-        self.segment = build_segment(all_params, first_layer, stop_layer, config.num_layers)
-        self.optimizer = make_optimizer(config.optimizer, self.params, config.lr)
+        self.params = init_parameters(list(model.layers), model.seed, np.dtype(model.dtype),
+                                      first_layer, stop_layer)
+        self.segment = build_segment(self.params, first_layer, stop_layer, model.num_layers)
+        self.optimizer = make_optimizer(model.optimizer, self.params, model.lr)
         self.names = list(self.params)
         self._step = 0
         self._logit_grads: dict[int, np.ndarray] = {}
         self.step_loss = 0.0
         self._weight_passes = 0
-        # Called with a layer's parameter names once its gradient for the step is final (the
-        # last micro-batch's weight pass has gone through it); the worker starts reducing it.
-        self.on_grads_final: Callable[[list[str]], None] | None = None
+        self.on_grads_final = on_grads_final
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -97,7 +119,7 @@ class Stage:
             if not self.is_last:
                 return Outgoing(DOWNSTREAM, Kind.ACTIVATION, mb, output)
             # Every step's global batch is full (the last partial batch of an epoch is dropped).
-            loss, grad = softmax_cross_entropy(output, item.y, self.config.batch_size)
+            loss, grad = softmax_cross_entropy(output, item.y, self.model.batch_size)
             self.step_loss += loss
             self._logit_grads[mb] = grad
             return None
@@ -117,9 +139,10 @@ class Stage:
         """For the step's last weight pass (every schedule runs one per micro-batch, in
         ascending order), the hook that reports each layer as final."""
         self._weight_passes += 1
-        if self.on_grads_final is None or self._weight_passes != self.config.microbatches:
+        if self.on_grads_final is None or self._weight_passes != self.model.microbatches:
             return None
-        return lambda layer: self.on_grads_final(list(layer.grads()))
+        step, report = self._step, self.on_grads_final
+        return lambda layer: report(step, layer.grads())
 
     def load_state(self, params: dict[str, np.ndarray], optim: dict[str, np.ndarray]) -> None:
         """Restore parameters and optimizer state in place (the segment shares these arrays)."""
@@ -130,6 +153,6 @@ class Stage:
             self.params[name][...] = params[name]
         self.optimizer.load_state_dict(optim)
 
-    def apply_update(self, grads: dict[str, np.ndarray] | None = None) -> None:
-        """The optimizer step, with the (all-reduced, when replicated) gradients."""
-        self.optimizer.step(grads if grads is not None else self.segment.grads())
+    def apply_update(self) -> None:
+        """The optimizer step, with the step's (all-reduced, when replicated) gradients."""
+        self.optimizer.step(self.segment.grads())

@@ -54,7 +54,7 @@ PLANTED_ENV = "PIPETRAIN_TEST_PLANTED_BUG"
 
 
 def planted(name: str) -> bool:
-    """A bug planted on purpose (``python -m harness fuzz --plant NAME`` must find it):
+    """A bug planted on purpose (``python -m pipetrain_harness fuzz --plant NAME`` must find it):
     ``stale_restart`` makes stage 0 forget its optimizer state when the group restarts."""
     return os.environ.get(PLANTED_ENV) == name
 

@@ -33,13 +33,16 @@ import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-HANDLED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTSTP, signal.SIGCONT, signal.SIGTERM,
-           signal.SIGINT)
+from pipetrain.threads import CONTROL_SIGNALS
 
 
 @dataclass
 class Requests:
-    """What the signals received so far ask for. Cleared by whoever acts on them."""
+    """What the signals received so far ask for. Cleared by whoever acts on them.
+
+    ``cont_checkpoints``: SIGCONT also asks for a checkpoint (under mpirun it is the first
+    signal of the kill sequence, a quarter of a second before SIGTERM).
+    """
 
     checkpoint: bool = False     # SIGUSR1
     epoch_stop: bool = False     # SIGUSR2
@@ -48,23 +51,26 @@ class Requests:
     abort: bool = False          # a second SIGINT
     interrupts: int = 0
     received: int = 0
+    cont_checkpoints: bool = False
 
     def apply(self, signum: int) -> None:
         self.received += 1
-        if signum == signal.SIGUSR1:
-            self.checkpoint = True
-        elif signum == signal.SIGUSR2:
-            self.epoch_stop = True
-        elif signum == signal.SIGTSTP:
-            self.paused = True
-        elif signum == signal.SIGCONT:
-            self.paused = False
-        elif signum == signal.SIGTERM:
-            self.stop = True
-        elif signum == signal.SIGINT:
-            self.interrupts += 1
-            self.stop = True
-            self.abort = self.interrupts >= 2
+        match signum:
+            case signal.SIGUSR1:
+                self.checkpoint = True
+            case signal.SIGUSR2:
+                self.epoch_stop = True
+            case signal.SIGTSTP:
+                self.paused = True
+            case signal.SIGCONT:
+                self.paused = False
+                self.checkpoint = self.checkpoint or self.cont_checkpoints
+            case signal.SIGTERM:
+                self.stop = True
+            case signal.SIGINT:
+                self.interrupts += 1
+                self.stop = True
+                self.abort = self.interrupts >= 2
 
 
 class SignalControl:
@@ -131,8 +137,8 @@ def _noop(signum: int, frame: object) -> None:
 @contextlib.contextmanager
 def signal_control() -> Iterator[SignalControl]:
     control = SignalControl()
-    previous = {sig: signal.signal(sig, _noop) for sig in HANDLED}
-    serialise_handlers(HANDLED)
+    previous = {sig: signal.signal(sig, _noop) for sig in CONTROL_SIGNALS}
+    serialise_handlers(CONTROL_SIGNALS)
     previous_fd = signal.set_wakeup_fd(control._write_fd, warn_on_full_buffer=False)
     try:
         yield control

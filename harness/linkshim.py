@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from system.protocol import Kind, byte_view, describe, encode_header
-from system.transport import Channel, ChannelClosed, Frame, PipeChannel
+from pipetrain.wire.frames import Kind, byte_view, describe, encode_header
+from pipetrain.wire.pipe import Channel, ChannelClosed, Frame, PipeChannel
 
 ENV = "PIPETRAIN_LINK_FAULTS"
 KINDS = ("delay", "throttle", "corrupt", "sever")

@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 import math
 import struct
-from typing import Any
 
 import crc32c
 import numpy as np
@@ -51,10 +49,9 @@ _SIGNED_SIZE = HEADER_SIZE - 4  # bytes covered by the header checksum
 class Kind(enum.IntEnum):
     ACTIVATION = 1
     GRADIENT = 2
-    CONTROL = 3  # payload: uint8 array holding UTF-8 JSON (see encode_json)
+    CONTROL = 3  # payload: uint8 array holding UTF-8 JSON (pipetrain.runtime.messages)
     PARAMETER = 4
-    LABELS = 5
-    INPUTS = 6
+    # 5 and 6 are retired; a frame of either kind is refused as unknown.
     REDUCE = 7  # all-reduce chunks
 
 
@@ -185,44 +182,3 @@ def check_payload_crc(header: Header, crc: int) -> None:
     """Compare a payload CRC computed elsewhere (e.g. chunk by chunk while reading)."""
     if crc != header.payload_checksum:
         raise ProtocolError(f"payload checksum mismatch in {header.describe()}")
-
-
-def encode_json(obj: Any) -> np.ndarray:
-    """CONTROL payload: compact UTF-8 JSON as a uint8 array (NaN/Infinity allowed, as in
-    Python's json, so that e.g. a diverged loss can still be reported)."""
-    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
-    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy()
-
-
-def decode_json(array: np.ndarray) -> Any:
-    if array.dtype != np.uint8 or array.ndim != 1:
-        raise ProtocolError(f"JSON payload must be a 1-d uint8 array, got {array.dtype} "
-                            f"with shape {array.shape}")
-    try:
-        return json.loads(array.tobytes().decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ProtocolError(f"JSON payload is not valid UTF-8: {exc}") from None
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
-        raise ProtocolError(f"JSON payload is not valid JSON: {exc}") from None
-
-
-def encode_frame(kind: Kind, step: int, microbatch: int, array: np.ndarray) -> bytes:
-    """Whole frame as one bytes object (copies the payload; for tests and small messages)."""
-    return encode_header(kind, step, microbatch, array) + byte_view(array).tobytes()
-
-
-def decode_frame(data: bytes | bytearray | memoryview,
-                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Frame:
-    """Decode exactly one frame; trailing or missing bytes are errors. Returns a fresh array."""
-    view = memoryview(data)
-    header = decode_header(view, max_frame_bytes)
-    total = HEADER_SIZE + header.nbytes
-    if view.nbytes != total:
-        what = "truncated frame" if view.nbytes < total else "trailing bytes after frame"
-        raise ProtocolError(f"{what}: got {view.nbytes} of {total} bytes "
-                            f"for {header.describe()}")
-    payload = view[HEADER_SIZE:]
-    check_payload(header, payload)
-    array = np.empty(header.shape, dtype=header.dtype)
-    byte_view(array)[:] = payload
-    return Frame(header.kind, header.step, header.microbatch, array)

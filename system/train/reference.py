@@ -13,18 +13,20 @@ from pathlib import Path
 
 import numpy as np
 
-from system.config import TrainConfig
-from system.data.loader import prepare_microbatch
-from system.digest import grad_digest
-from system.nn import init_parameters, make_optimizer, parameter_names, softmax_cross_entropy
-from system.nn.layers import build_segment
-from system.progress import Progress
-from system.rundir import RunDir, save_params
-from system.workload import Workload, accuracy, augmentation, prepare
+from pipetrain.config import TrainConfig
+from pipetrain.data.loader import prepare_microbatch
+from pipetrain.data.workload import Workload
+from pipetrain.nn import init_parameters, make_optimizer, parameter_names, softmax_cross_entropy
+from pipetrain.nn.digest import grad_digest
+from pipetrain.nn.layers import Segment, build_segment
+from pipetrain.run.progress import Progress
+from pipetrain.run.rundir import RunDir, save_params
+from pipetrain.status import ExitCode, RunState
+from pipetrain.train.evaluate import evaluate, load_workload
 
 
 def train_step(
-    segment, workload: Workload, config: TrainConfig, step: int
+    segment: Segment, workload: Workload, config: TrainConfig, step: int
 ) -> tuple[float, dict[str, np.ndarray]]:
     """One step's loss and summed gradients, in the documented order."""
     loss = 0.0
@@ -36,7 +38,7 @@ def train_step(
             item = prepare_microbatch(
                 workload, step, microbatch, replica=replica, replicas=config.replicas,
                 microbatches=config.microbatches, need_x=True, need_y=True,
-                augment=augmentation(config), seed=config.seed, dtype=np.dtype(config.dtype),
+                augment=config.augmentation, seed=config.seed, dtype=np.dtype(config.dtype),
             )
             logits = segment.forward(microbatch, item.x)
             mb_loss, grad_logits = softmax_cross_entropy(logits, item.y, config.batch_size)
@@ -52,15 +54,8 @@ def train_step(
     return loss, total
 
 
-def evaluate(segment, workload: Workload) -> float:
-    indices = workload.eval_indices
-    if len(indices) == 0:
-        return float("nan")
-    return accuracy(segment.forward(-1, workload.x[indices], keep=False), workload.y[indices])
-
-
 def run_reference(config: TrainConfig, run_dir: Path, *, quiet: bool = False) -> int:
-    workload = prepare(config)
+    workload = load_workload(config)
     num_layers = config.num_layers
     names = parameter_names(num_layers)
     params = init_parameters(list(config.layers), config.seed, np.dtype(config.dtype))
@@ -69,7 +64,7 @@ def run_reference(config: TrainConfig, run_dir: Path, *, quiet: bool = False) ->
     progress = Progress(workload.total_steps, quiet=quiet)
     with RunDir(run_dir) as run:
         run.update_state(
-            command="reference", state="running", config=config.to_json(),
+            command="reference", state=RunState.RUNNING, config=config.to_json(),
             config_digest=config.math_digest(), step=0, epoch=0,
             total_steps=workload.total_steps,
         )
@@ -92,6 +87,6 @@ def run_reference(config: TrainConfig, run_dir: Path, *, quiet: bool = False) ->
             progress.epoch(epoch, loss, acc)
             run.update_state(step=step, epoch=epoch + 1, last_loss=loss, accuracy=acc)
         save_params(run.path / "final.npz", params)
-        run.emit("run_end", status="done", step=step)
-        run.update_state(state="done")
-    return 0
+        run.emit("run_end", status=RunState.DONE, step=step)
+        run.update_state(state=RunState.DONE)
+    return ExitCode.OK

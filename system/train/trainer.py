@@ -15,29 +15,26 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from system import checkpoint
-from system.config import ConfigError, TrainConfig
-from system.control import SignalControl, signal_control
-from system.coordinator import Aborted, Coordinator, WorkerFailed
-from system.nn.layers import build_segment
-from system.progress import Progress
-from system.rundir import RunDir, save_params
-from system.workload import Workload, accuracy, prepare
+from pipetrain import hooks
+from pipetrain.config import ConfigError, TrainConfig
+from pipetrain.data.workload import Workload
+from pipetrain.run import checkpoint
+from pipetrain.run.progress import Progress
+from pipetrain.run.rundir import RunDir, save_params
+from pipetrain.runtime.coordinator import Aborted, Coordinator
+from pipetrain.runtime.diagnosis import WorkerFailed
+from pipetrain.runtime.launcher import Launcher, PipeLauncher
+from pipetrain.runtime.signals import SignalControl, signal_control
+from pipetrain.status import ExitCode, RunState
+from pipetrain.train.evaluate import evaluate_params, load_workload
 
-EXIT_OK, EXIT_FAILED, EXIT_ABORTED = 0, 1, 130
 STATE_UPDATE_INTERVAL_S = 0.5
-# Per-stage timings a step event carries, one dict per stage in stage order.
-METRIC_KEYS = ("compute_s", "wait_data_s", "wait_neighbours_s", "allreduce_s", "loader_depth")
-# Builds the coordinator from (config, run directory, signals): Coordinator, or an MPI one.
-CoordinatorFactory = Callable[[TrainConfig, RunDir, SignalControl], Coordinator]
+# Builds the launcher of a run from its config: pipes by default, MPI ranks under mpirun.
+LauncherFactory = Callable[[TrainConfig], Launcher]
 
 
-def evaluate(params, config: TrainConfig, workload: Workload) -> float:
-    indices = workload.eval_indices
-    if len(indices) == 0:
-        return float("nan")
-    segment = build_segment(params, 0, config.num_layers, config.num_layers)
-    return accuracy(segment.forward(-1, workload.x[indices], keep=False), workload.y[indices])
+def pipe_launcher(config: TrainConfig) -> Launcher:
+    return PipeLauncher(config.blas_threads)
 
 
 def resume_point(run: RunDir, config: TrainConfig) -> checkpoint.Manifest | None:
@@ -57,14 +54,15 @@ def resume_point(run: RunDir, config: TrainConfig) -> checkpoint.Manifest | None
 
 class TrainingRun:
     def __init__(self, config: TrainConfig, run: RunDir, signals: SignalControl,
-                 workload: Workload, progress: Progress,
-                 coordinator_factory: CoordinatorFactory = Coordinator) -> None:
+                 workload: Workload, progress: Progress, launcher: Launcher) -> None:
         self.config = config
         self.run = run
         self.signals = signals
         self.workload = workload
         self.progress = progress
-        self.coordinator = coordinator_factory(config, run, signals)
+        self.launcher = launcher
+        signals.requests.cont_checkpoints = launcher.cont_checkpoints
+        self.coordinator = Coordinator(config, run, signals, launcher)
         self.last_checkpoint_step: int | None = None
         self.step = 0
         self.restarts = 0
@@ -88,21 +86,23 @@ class TrainingRun:
     def wait_while_paused(self, step: int) -> None:
         requests = self.signals.requests
         self.run.emit("paused", step=step)
-        self.run.update_state(state="paused", step=step)
+        self.run.update_state(state=RunState.PAUSED, step=step)
         self.progress.message(f"paused at step {step} (SIGCONT or `pipetrain resume` to go on)")
+
         def unexpected(worker, message) -> None:
-            raise WorkerFailed(f"{worker.role} sent {message.get('event')} while paused")
+            raise WorkerFailed(f"{worker.role} sent {message.TYPE} while paused")
 
         # The same wait as during a step: heartbeats keep arriving and are absorbed, a worker
         # that dies or goes silent while paused is still a failure, signals wake us at once.
         self.coordinator.pump(unexpected, lambda: not requests.paused or requests.stop)
         requests.paused = False
         self.run.emit("resumed", step=step)
-        self.run.update_state(state="running")
+        self.run.update_state(state=RunState.RUNNING)
         self.progress.message(f"resumed at step {step}")
 
     def at_boundary(self, step: int) -> bool:
         """Act on pending requests; True when the run should stop here."""
+        hooks.current().at_boundary(step)
         self.coordinator.check_signals()
         requests = self.signals.requests
         if requests.paused and not requests.stop:
@@ -120,13 +120,14 @@ class TrainingRun:
 
     # -- failures ----------------------------------------------------------------------------
 
-    def supervise(self, start_step: int, resume_from: Path | None) -> str:
+    def supervise(self, start_step: int, resume_from: Path | None) -> RunState:
         """Train, restarting the whole worker group after a failure, up to max_restarts."""
         step = start_step
         while True:
             try:
                 self.coordinator.start(resume_from=resume_from, start_step=step)
-                self.run.update_state(state="running", worker_pids=self.coordinator.pids)
+                self.run.update_state(state=RunState.RUNNING, worker_pids=self.coordinator.pids,
+                                      **self.launcher.state_fields(self.coordinator.workers))
                 if not (self.run.path / "initial.npz").exists():
                     save_params(self.run.path / "initial.npz", self.coordinator.gather_params())
                 if self.restarts == 0:
@@ -138,7 +139,7 @@ class TrainingRun:
             except WorkerFailed as exc:
                 failed_at = time.monotonic()
                 self.report_exits(self.coordinator.shutdown(graceful=False))
-                if not self.coordinator.restartable:  # MPI: the launcher's loop restarts
+                if not self.launcher.restartable:  # MPI: the launcher's loop restarts
                     raise WorkerFailed(
                         f"{exc} (--transport {self.config.transport} does not restart ranks in "
                         "place: run the same command with --resume to continue from the "
@@ -154,7 +155,7 @@ class TrainingRun:
                 step = manifest.step if manifest else 0
                 resume_from = manifest.path if manifest else None
                 self.last_checkpoint_step = step if manifest else None
-                self.run.update_state(state="recovering", restarts=self.restarts)
+                self.run.update_state(state=RunState.RECOVERING, restarts=self.restarts)
                 self.progress.message(f"{exc}; restarting from step {step} "
                                       f"(restart {self.restarts} of {self.config.max_restarts})")
                 self.pending_restart = {"from_step": step, "cause": str(exc),
@@ -174,7 +175,7 @@ class TrainingRun:
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def train(self, start_step: int) -> str:
+    def train(self, start_step: int) -> RunState:
         config, workload, run = self.config, self.workload, self.run
         steps_per_epoch, total = workload.steps_per_epoch, workload.total_steps
         step = start_step
@@ -184,9 +185,9 @@ class TrainingRun:
             # must see the parameters of the step it is labelled with.
             if started is None:
                 if self.at_boundary(step):
-                    return "stopped"
+                    return RunState.STOPPED
                 if step == total:
-                    return "done"
+                    return RunState.DONE
             step += 1
             self.step = step
             epoch = (step - 1) // steps_per_epoch
@@ -202,15 +203,14 @@ class TrainingRun:
             digest = self.coordinator.step_digest(step)
             if self.pending_restart is not None:
                 self.report_recovery()
-            metrics = [{key: reply[key] for key in METRIC_KEYS if key in reply}
-                       for reply in replies]
+            metrics = [reply.metrics() for reply in replies]
             run.emit("step", epoch=epoch, step=step, loss=loss, grad_digest=digest,
                      metrics=metrics)
             self.progress.step(step, epoch, loss)
             self._note_progress(step, epoch, loss)
             if step % steps_per_epoch == 0:
                 run.emit("epoch_end", epoch=epoch, step=step, loss=loss)
-                acc = evaluate(self.coordinator.gather_params(), config, workload)
+                acc = evaluate_params(self.coordinator.gather_params(), config, workload)
                 run.emit("evaluate", epoch=epoch, step=step, accuracy=acc)
                 self.progress.epoch(epoch, loss, acc)
                 run.update_state(epoch=epoch + 1, accuracy=acc, durable=False)
@@ -245,27 +245,26 @@ class TrainingRun:
 
 
 def run_training(config: TrainConfig, run_dir: Path, *, quiet: bool = False,
-                 resume: bool = False,
-                 coordinator_factory: CoordinatorFactory = Coordinator) -> int:
-    """The run; ``coordinator_factory`` builds the coordinator (``system.mpi_launch`` passes
-    one whose workers are MPI ranks instead of child processes)."""
+                 resume: bool = False, launcher_factory: LauncherFactory = pipe_launcher) -> int:
+    """The run; ``launcher_factory`` builds its launcher (``pipetrain.train.mpi_run`` passes
+    one whose workers are the MPI ranks)."""
     with signal_control() as signals:
-        workload = prepare(config)  # bad data is refused before any run directory exists
+        workload = load_workload(config)  # bad data is refused before any run directory exists
         progress = Progress(workload.total_steps, quiet=quiet)
         with RunDir(run_dir) as run:
-            return _run(config, run, signals, workload, progress, resume, coordinator_factory)
+            training = TrainingRun(config, run, signals, workload, progress,
+                                   launcher_factory(config))
+            return _run(training, resume)
 
 
-def _run(config: TrainConfig, run: RunDir, signals: SignalControl, workload: Workload,
-     progress: Progress, resume: bool,
-     coordinator_factory: CoordinatorFactory = Coordinator) -> int:
+def _run(training: TrainingRun, resume: bool) -> int:
+    config, run, workload = training.config, training.run, training.workload
     checkpoint.remove_stale_temporaries(run.checkpoints)
     manifest = resume_point(run, config) if resume else None
     start_step = manifest.step if manifest else 0
-    training = TrainingRun(config, run, signals, workload, progress, coordinator_factory)
     coordinator = training.coordinator
     run.update_state(
-        command="train", state="starting", config=config.to_json(),
+        command="train", state=RunState.STARTING, config=config.to_json(),
         config_digest=config.math_digest(), coordinator_pid=os.getpid(), worker_pids=[],
         step=start_step, epoch=start_step // workload.steps_per_epoch,
         total_steps=workload.total_steps, segments=[list(b) for b in coordinator.bounds],
@@ -275,23 +274,23 @@ def _run(config: TrainConfig, run: RunDir, signals: SignalControl, workload: Wor
             training.last_checkpoint_step = manifest.step
         training.step = start_step
         outcome = training.supervise(start_step, manifest.path if manifest else None)
-        if outcome == "done":
+        if outcome == RunState.DONE:
             save_params(run.path / "final.npz", coordinator.gather_params())
         run.emit("run_end", status=outcome, step=training.step)
         run.update_state(state=outcome, step=training.step)
-        progress.message(f"run {outcome}")
-        return EXIT_OK
+        training.progress.message(f"run {outcome}")
+        return ExitCode.OK
     except WorkerFailed as exc:
         message = f"run failed: {exc}"
         run.emit("error", message=message)
-        run.emit("run_end", status="failed")
-        run.update_state(state="failed", error=message)
+        run.emit("run_end", status=RunState.FAILED)
+        run.update_state(state=RunState.FAILED, error=message)
         print(f"pipetrain: {message}", file=sys.stderr)
-        return EXIT_FAILED
+        return ExitCode.FAILED
     except Aborted:
-        run.emit("run_end", status="aborted")
-        run.update_state(state="aborted")
+        run.emit("run_end", status=RunState.ABORTED)
+        run.update_state(state=RunState.ABORTED)
         print("pipetrain: aborted (second interrupt); no checkpoint written", file=sys.stderr)
-        return EXIT_ABORTED
+        return ExitCode.ABORTED
     finally:
         training.report_exits(coordinator.shutdown())

@@ -59,9 +59,8 @@ def chain_allreduce_parts(
 
     Reduce and broadcast are interleaved chunk by chunk: the last rank sends each total back as
     soon as it has it, and every other rank passes totals on between its reduce chunks, so both
-    directions of every link carry data at once: for R = 2 and 12 MiB, 1.40 against 0.82 GB/s
-    per replica when every chunk was reduced before any came back
-    (``python -m bench.allreduce --mib 12 --replicas 2 --repeats 7``). Rank ``r`` lets the
+    directions of every link carry data at once, where reducing every chunk before any comes
+    back leaves one direction idle (``python -m bench.allreduce`` measures it). Rank ``r`` lets the
     broadcast trail its reduce by ``2 * (R - 1 - r)`` chunks, the round trip to the last rank,
     so it does not wait on a chunk that cannot have come back yet. Callers must read ahead (the
     worker's receiver threads do) or use chunks that fit the links' buffers.

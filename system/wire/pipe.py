@@ -1,27 +1,25 @@
-"""Frame channels between pipeline stages.
+"""Frames over ``os.pipe``: :class:`PipeChannel`, the pipe transport's channel.
 
-``Channel`` is the transport-independent interface; ``PipeChannel`` implements it over a pair
-of os.pipe file descriptors (one to read from, one to write to; either may be absent).
-Payloads move between the pipe and the array's own memory with writev/readv, never copied
-or pickled.  All fds are non-blocking and every wait goes through poll(), so every operation
-honours a deadline.
+A channel is a pair of pipe file descriptors (one to read from, one to write to; either may be
+absent). Payloads move between the pipe and the array's own memory with writev/readv, never
+copied or pickled. All fds are non-blocking and every wait goes through poll(), so every
+operation honours a deadline.
 """
 
 from __future__ import annotations
 
-import abc
 import errno
 import fcntl
 import math
 import os
 import select
 import time
-from typing import Self
 
 import crc32c
 import numpy as np
 
-from system.protocol import (
+from pipetrain.wire.channel import Channel, ChannelClosed, ChannelTimeout
+from pipetrain.wire.frames import (
     DEFAULT_MAX_FRAME_BYTES,
     HEADER_SIZE,
     Frame,
@@ -37,41 +35,10 @@ from system.protocol import (
 PIPE_SIZE = 1 << 20
 # Payloads are read in slices of this size and checksummed slice by slice while the slice is
 # still in cache. Smaller reads also free pipe space sooner, so the writer refills the pipe
-# while this side checksums: 128 KiB measured 1.04x a raw blocking copy at 1 and 8 MiB, where
-# reading whole payloads and checksumming afterwards gave 0.75x / 0.89x (bench/transport.py).
+# while this side checksums; reading a whole payload and checksumming it afterwards leaves the
+# pipe idle meanwhile (bench/transport.py measures both against a raw copy).
 READ_CHUNK = 128 * 1024
 _PIPE_MAX_SIZE_FILE = "/proc/sys/fs/pipe-max-size"
-
-
-class ChannelClosed(EOFError):
-    """The peer closed its end (cleanly, at a frame boundary), or this channel is closed."""
-
-
-class ChannelTimeout(TimeoutError):
-    """The deadline passed before the operation completed."""
-
-
-class Channel(abc.ABC):
-    """A bidirectional (or one-way) stream of frames to one peer."""
-
-    name: str
-
-    @abc.abstractmethod
-    def send_frame(self, kind: Kind, step: int, microbatch: int, array: np.ndarray, *,
-                   timeout_s: float | None = None) -> None: ...
-
-    @abc.abstractmethod
-    def recv_frame(self, *, timeout_s: float | None = None,
-                   out: np.ndarray | None = None) -> Frame: ...
-
-    @abc.abstractmethod
-    def close(self) -> None: ...
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
 
 def open_pipe() -> tuple[int, int]:
@@ -142,8 +109,9 @@ class PipeChannel(Channel):
                       timeout_s: float | None, what: str) -> None:
         """Write ``buffers`` completely (one frame's bytes), or fail with a clear error.
 
-        Public for the fault-injection shim (``system.linkfaults``), which sends frames whose
-        bytes were damaged on purpose; everything else sends with :meth:`send_frame`.
+        Public for a channel wrapped at the ``wrap_channel`` hook (the harness's link faults
+        send frames whose bytes were damaged on purpose); everything else sends with
+        :meth:`send_frame`.
         """
         fd = self._usable(self._write_fd, self._tx_broken, "send")
         pending = [b for b in buffers if b.nbytes]
@@ -273,8 +241,6 @@ class PipeChannel(Channel):
         if self._write_fd is not None:
             fd, self._write_fd = self._write_fd, None
             os.close(fd)
-            if self._read_fd is None:
-                self._write_fd = None
 
     def close(self) -> None:
         fds, self._read_fd, self._write_fd = (self._read_fd, self._write_fd), None, None

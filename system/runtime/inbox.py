@@ -1,30 +1,24 @@
 """Frames read ahead by receiver threads, handed to the main thread by source.
 
-Each inbound pipe has its own receiver thread, so a neighbour's send never waits for this stage's
-main thread (no send/send deadlock between two stages whose frames exceed the pipe buffer) and
-reading overlaps compute. The threads and the main thread meet here, under one ``Condition``:
-a condition (not a Queue per source) because the main thread must also wake when *any* receiver
-fails, and one condition variable covers both "my frame arrived" and "everything is broken".
+Each inbound channel has its own receiver thread, so a neighbour's send never waits for this
+stage's main thread (no send/send deadlock between two stages whose frames exceed the pipe
+buffer) and reading overlaps compute. The threads and the main thread meet here, under one
+``Condition``: a condition (not a Queue per source) because the main thread must also wake when
+*any* receiver fails, and one condition variable covers both "my frame arrived" and "everything
+is broken".
 """
 
 from __future__ import annotations
 
 import os
 import select
-import signal
 import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from system.transport import ChannelClosed, PipeChannel
-
-# Signals that only the main thread should take: a helper thread never runs Python handlers,
-# and if the kernel picked one to deliver to, the main thread could sleep through the request.
-CONTROL_SIGNALS = {
-    signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTSTP, signal.SIGCONT,
-    signal.SIGCHLD,
-}
+from pipetrain.threads import start_helper
+from pipetrain.wire.channel import Channel, ChannelClosed
 
 
 class InboxFailure(RuntimeError):
@@ -35,19 +29,23 @@ class PeerClosed(InboxFailure):
     """The peer closed its pipe: usually the consequence of its own failure, not ours."""
 
 
+class InboxClosed(InboxFailure):
+    """The worker is shutting down: whoever still waits for a frame gives up."""
+
+
 class Inbox:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._items: dict[str, deque[Any]] = {}
-        self._failure: BaseException | None = None
-        self._source_failures: dict[str, BaseException] = {}
+        self._failure: InboxFailure | None = None
+        self._source_failures: dict[str, InboxFailure] = {}
 
     def put(self, source: str, item: Any) -> None:
         with self._cond:
             self._items.setdefault(source, deque()).append(item)
             self._cond.notify_all()
 
-    def fail(self, exc: BaseException, source: str | None = None) -> None:
+    def fail(self, exc: InboxFailure, source: str | None = None) -> None:
         """Record a failure and wake every waiter. With ``source``, only that source failed:
         its items already received are still delivered, then its failure is raised. A
         neighbour that closes its pipe after the last step is not an error for anyone who no
@@ -72,7 +70,9 @@ class Inbox:
                     return queue.popleft()
                 failure = self._failure or self._source_failures.get(source)
                 if failure is not None:
-                    raise type(failure)(str(failure)) from failure
+                    # A fresh exception for each waiter (one object raised in several threads
+                    # would share a traceback), of the same kind, caused by the recorded one.
+                    raise type(failure)(*failure.args) from failure
                 if interrupted():
                     raise InterruptedError("interrupted by a signal")
                 self._cond.wait(0.5)
@@ -91,18 +91,13 @@ class Receivers:
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
         self._threads: list[threading.Thread] = []
 
-    def start(self, source: str, channel: PipeChannel, *, fatal: bool = False) -> None:
+    def start(self, source: str, channel: Channel, *, fatal: bool = False) -> None:
         """Read ``channel`` into the inbox under ``source``; a ``fatal`` channel's failure fails
         every source (the control pipe: without the coordinator nothing should go on)."""
-        thread = threading.Thread(
-            target=self._run, args=(source, channel, fatal), name=f"recv-{source}",
-            daemon=False,
-        )
-        self._threads.append(thread)
-        thread.start()
+        self._threads.append(start_helper(self._run, name=f"recv-{source}",
+                                          args=(source, channel, fatal)))
 
-    def _run(self, source: str, channel: PipeChannel, fatal: bool) -> None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
+    def _run(self, source: str, channel: Channel, fatal: bool) -> None:
         poller = select.poll()
         poller.register(channel.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)

@@ -1,0 +1,1 @@
+"""Pipeline parallelism as plain code: schedules as data, partitioning, one stage's compute."""

@@ -1,0 +1,1 @@
+"""The run directory: its state file, event log, parameter files, checkpoints and progress."""

@@ -1,0 +1,1 @@
+"""The processes of a run: control messages, topology, signals, workers, coordinator, launchers."""

@@ -1,0 +1,72 @@
+"""Naming the worker that failed, and why, in one line a user can act on.
+
+A worker that loses a neighbour's link reports it as a *consequence*; the coordinator then looks
+for the neighbour that really died and blames it, with its last words (the error it managed to
+send before exiting), instead of the bystander. Every message names the role (stage, replica,
+layers), the pid, how the process ended and where its log is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import time
+
+from pipetrain.runtime import messages
+from pipetrain.runtime.launcher import Launcher, WorkerHandle
+from pipetrain.wire.channel import ChannelClosed, ChannelTimeout
+from pipetrain.wire.frames import Kind, ProtocolError
+
+# A worker's exit closes its pipes an instant before it becomes reapable: allow that instant.
+ROOT_CAUSE_GRACE_S = 0.5
+
+
+class WorkerFailed(RuntimeError):
+    """A stage died, reported an error or stopped answering; the message names it."""
+
+
+def failure(worker: WorkerHandle, reason: str, launcher: Launcher) -> WorkerFailed:
+    code = worker.process.poll()
+    if code is None and "exited" in reason:
+        try:
+            code = worker.process.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            code = None
+    status = ""
+    if code is not None:
+        status = f" (killed by signal {-code})" if code < 0 else f" (exit status {code})"
+    where = launcher.where(worker)
+    return WorkerFailed(f"{worker.role}, pid {worker.process.pid}: {reason}{where}{status}; "
+                        f"log: {worker.log_path}")
+
+
+def last_words(worker: WorkerHandle) -> tuple[str | None, bool | None]:
+    """(error message, whether it was a consequence) that a dead worker left in its pipe."""
+    with contextlib.suppress(ChannelClosed, ChannelTimeout, ProtocolError, ValueError):
+        while True:
+            frame = worker.control.recv_frame(timeout_s=0.05)
+            if frame.kind != Kind.CONTROL:
+                continue
+            message = messages.decode(frame.array)
+            if isinstance(message, messages.Failed):
+                worker.last_error = message.message
+                return message.message, message.consequence
+    return None, None
+
+
+def root_cause(reporter: WorkerHandle, workers: list[WorkerHandle],
+               launcher: Launcher) -> WorkerFailed:
+    """``reporter`` lost a neighbour's link: blame the worker that died, if one did."""
+    deadline = time.monotonic() + ROOT_CAUSE_GRACE_S
+    while True:
+        dead = [w for w in workers if w is not reporter and w.process.poll() is not None]
+        if dead:
+            # Prefer a worker that found a problem itself, then one that died silently.
+            words = [(w, *last_words(w)) for w in dead]
+            words.sort(key=lambda item: {False: 0, None: 1, True: 2}[item[2]])
+            worker, said, _ = words[0]
+            return failure(worker, f"{said or 'exited without a word'}; "
+                           f"{reporter.role} lost its pipe as a result", launcher)
+        if time.monotonic() > deadline:
+            return failure(reporter, reporter.last_error or "unknown error", launcher)
+        time.sleep(0.01)

@@ -1,0 +1,211 @@
+"""The control protocol between the coordinator and its workers: every message a frozen dataclass.
+
+A message travels as one ``CONTROL`` frame whose payload is compact UTF-8 JSON with a ``type``
+field; :func:`decode` checks the type and the field names before building the dataclass, so a
+malformed or unknown message is a :class:`~pipetrain.wire.frames.ProtocolError`, never a
+``KeyError`` deep in a handler. Receivers dispatch with ``match`` on the type. No pickle.
+
+::
+
+    coordinator ──▶ worker    Init, Step, SendParams, WriteCheckpoint, Stop
+    worker ──▶ coordinator    Ready, Heartbeat, StepDone, Digests, ParamsFollow (then one
+                              PARAMETER frame per parameter), Checkpointed, Failed, Exited
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from pipetrain.wire.frames import ProtocolError
+
+
+@dataclass(frozen=True)
+class Message:
+    TYPE: ClassVar[str] = ""
+
+
+# -- commands: coordinator to worker -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Init(Message):
+    """Who the worker is, how it reaches its neighbours and where training starts.
+
+    ``links`` maps a link name (``pipetrain.runtime.topology``) to the transport's endpoint: pipe
+    fds (``read_fd``, ``write_fd``) or an MPI peer rank (``rank``).
+    """
+
+    TYPE: ClassVar[str] = "init"
+    config: dict[str, Any]
+    stage: int
+    replica: int
+    num_stages: int
+    layers: list[int]  # [first, stop) of this stage's layers
+    links: dict[str, dict[str, int]]
+    op_timeout_s: float
+    heartbeat_interval_s: float
+    heartbeat_timeout_s: float
+    generation: int = 0
+    start_step: int = 0
+    resume_from: str | None = None
+    log_path: str | None = None  # MPI ranks redirect their own output there
+
+
+@dataclass(frozen=True)
+class Step(Message):
+    TYPE: ClassVar[str] = "step"
+    step: int
+
+
+@dataclass(frozen=True)
+class SendParams(Message):
+    TYPE: ClassVar[str] = "send_params"
+
+
+@dataclass(frozen=True)
+class WriteCheckpoint(Message):
+    TYPE: ClassVar[str] = "write_checkpoint"
+    directory: str
+    step: int
+
+
+@dataclass(frozen=True)
+class Stop(Message):
+    TYPE: ClassVar[str] = "stop"
+
+
+# -- events: worker to coordinator ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ready(Message):
+    TYPE: ClassVar[str] = "ready"
+    pid: int
+
+
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    TYPE: ClassVar[str] = "heartbeat"
+
+
+# Per-stage timings a StepDone carries (and a step event reports), in this order.
+METRIC_KEYS = ("compute_s", "wait_data_s", "wait_neighbours_s", "allreduce_s", "loader_depth")
+
+
+@dataclass(frozen=True)
+class StepDone(Message):
+    """A step's work is done on this worker; ``loss`` from the last stage only."""
+
+    TYPE: ClassVar[str] = "step_done"
+    step: int
+    loss: float | None
+    compute_s: float
+    wait_neighbours_s: float
+    allreduce_s: float
+    wait_data_s: float | None = None  # stages with a loader
+    loader_depth: int | None = None
+
+    def metrics(self) -> dict[str, float]:
+        return {key: getattr(self, key) for key in METRIC_KEYS
+                if getattr(self, key) is not None}
+
+
+@dataclass(frozen=True)
+class Digests(Message):
+    """The step's gradient digests (hex) of this worker's share; None where another replica
+    hashes that parameter."""
+
+    TYPE: ClassVar[str] = "digests"
+    step: int
+    digests: list[str | None]
+
+
+@dataclass(frozen=True)
+class ParamsFollow(Message):
+    """One ``PARAMETER`` frame per name follows, in this order, numbered from 0."""
+
+    TYPE: ClassVar[str] = "params_follow"
+    names: list[str]
+
+
+@dataclass(frozen=True)
+class Checkpointed(Message):
+    """The segment is written (replica 0 only: ``file`` and its ``sha256``); every replica
+    sends the digest of its parameters, so drift between replicas is seen."""
+
+    TYPE: ClassVar[str] = "checkpointed"
+    params_digest: str
+    file: str | None = None
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Failed(Message):
+    """The worker failed; ``consequence``: because a neighbour's pipe closed (likely that
+    neighbour's own failure, which the coordinator is better placed to name)."""
+
+    TYPE: ClassVar[str] = "failed"
+    message: str
+    traceback: str = ""
+    consequence: bool = False
+
+
+@dataclass(frozen=True)
+class Exited(Message):
+    """An MPI rank's last word: its exit status (it exits 0 itself, see the MPI launcher)."""
+
+    TYPE: ClassVar[str] = "exited"
+    status: int
+    pid: int
+
+
+MESSAGES: dict[str, type[Message]] = {
+    cls.TYPE: cls for cls in (Init, Step, SendParams, WriteCheckpoint, Stop, Ready, Heartbeat,
+                              StepDone, Digests, ParamsFollow, Checkpointed, Failed, Exited)
+}
+_FIELDS = {cls: ({f.name for f in dataclasses.fields(cls)},
+                 {f.name for f in dataclasses.fields(cls)
+                  if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING})
+           for cls in MESSAGES.values()}
+
+
+def encode(message: Message) -> np.ndarray:
+    """The CONTROL payload of ``message``: UTF-8 JSON as a uint8 array (NaN allowed, so a
+    diverged loss can still be reported)."""
+    body = {"type": message.TYPE, **dataclasses.asdict(message)}
+    text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy()
+
+
+def decode(array: np.ndarray) -> Message:
+    """The message in a CONTROL payload; anything else is a :class:`ProtocolError`."""
+    if array.dtype != np.uint8 or array.ndim != 1:
+        raise ProtocolError(f"a control payload must be a 1-d uint8 array, got {array.dtype} "
+                            f"with shape {array.shape}")
+    try:
+        body = json.loads(array.tobytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"control payload is not valid UTF-8: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise ProtocolError(f"control payload is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError(f"control payload is not a JSON object: {str(body)[:80]}")
+    cls = MESSAGES.get(body.pop("type", None))
+    if cls is None:
+        raise ProtocolError(f"unknown control message {str(body)[:80]}")
+    known, required = _FIELDS[cls]
+    unknown, missing = set(body) - known, required - set(body)
+    if unknown or missing:
+        raise ProtocolError(f"{cls.TYPE} message with unknown fields {sorted(unknown)} or "
+                            f"missing fields {sorted(missing)}")
+    return cls(**body)
+
+
+__all__ = ["MESSAGES", "METRIC_KEYS", "Checkpointed", "Digests", "Exited", "Failed",
+           "Heartbeat", "Init", "Message", "ParamsFollow", "Ready", "SendParams", "Step",
+           "StepDone", "Stop", "WriteCheckpoint", "decode", "encode"]

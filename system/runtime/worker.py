@@ -1,0 +1,344 @@
+"""The stage worker process: one pipeline stage, its links and its threads.
+
+::
+
+    coordinator ──control──▶ [recv-control] ─┐
+        ▲                                     ▼
+        └──────── replies ─────────────── main thread ──activations──▶ next stage
+                                             ▲   │
+    previous stage ──activations──▶ [recv-upstream]  └──gradients───▶ previous stage
+    next stage ─────gradients────▶ [recv-downstream]
+
+Receiver threads (``pipetrain.runtime.inbox``) read every inbound channel ahead into the inbox;
+the main thread runs the schedule's actions for each ``Step`` and sends frames itself; helper
+threads hash the gradients and, in a replicated stage, all-reduce them
+(``pipetrain.runtime.background``); a heartbeat thread reports liveness. The first control
+message (:class:`~pipetrain.runtime.messages.Init`) says who the worker is; what it builds from
+it is in ``pipetrain.runtime.worker_setup``. How links are opened is the transport's
+(:class:`Transport`: pipe fds here, MPI ranks in ``pipetrain.runtime.mpi_launcher``).
+
+Started by the pipe launcher as ``python -P -m pipetrain.runtime.worker CONTROL_IN CONTROL_OUT``
+with only the fds it needs. It dies with the coordinator (PR_SET_PDEATHSIG, and end-of-file on
+the control pipe as the portable backstop), ignores SIGINT and the terminal's job-control stops
+(a Ctrl-C or Ctrl-Z is the coordinator's to act on, at a step boundary) and exits cleanly on
+SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from pipetrain import hooks
+from pipetrain.nn.digest import array_digest, combine
+from pipetrain.pipeline.stage import UPSTREAM
+from pipetrain.run import checkpoint
+from pipetrain.runtime import messages
+from pipetrain.runtime.background import JobFailed
+from pipetrain.runtime.inbox import Inbox, InboxClosed, InboxFailure, PeerClosed, Receivers
+from pipetrain.runtime.worker_setup import Parts, build_parts, receive_frame
+from pipetrain.status import ExitCode
+from pipetrain.threads import start_helper
+from pipetrain.wire.channel import Channel, ChannelClosed
+from pipetrain.wire.frames import Kind, ProtocolError
+from pipetrain.wire.pipe import PipeChannel
+
+PR_SET_PDEATHSIG = 1
+CONTROL = "control"
+# A terminal's Ctrl-C and Ctrl-Z reach the whole foreground process group; in a worker they
+# would kill or stop one stage behind the coordinator's back.
+IGNORED_SIGNALS = (signal.SIGINT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+
+
+class Transport(Protocol):
+    """How a worker reaches its neighbours: the one part that differs between pipes and MPI."""
+
+    keeps_control_open: bool  # the control channel outlives serve() (an MPI rank's last word)
+
+    def prepare(self, init: messages.Init) -> None:
+        """Before anything is built (an MPI rank sends its output to its log here)."""
+
+    def open_link(self, name: str, endpoint: dict[str, int],
+                  op_timeout_s: float) -> Channel: ...
+
+
+class PipeTransport:
+    keeps_control_open = False
+
+    def prepare(self, init: messages.Init) -> None:
+        """A pipe worker's output already goes to its log (the launcher opened it)."""
+
+    def open_link(self, name: str, endpoint: dict[str, int], op_timeout_s: float) -> Channel:
+        return PipeChannel(endpoint["read_fd"], endpoint["write_fd"], name=name)
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL us when the coordinator dies (Linux only; EOF is the backstop)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(ExitCode.FAILED)
+
+
+class Worker:
+    def __init__(self, control: Channel, transport: Transport) -> None:
+        self.control = control
+        self.transport = transport
+        self.control_lock = threading.Lock()  # the main thread and helper threads reply
+        self.inbox = Inbox()
+        self.terminate = False
+        self.last_alive = time.monotonic()
+        self.stopping = threading.Event()  # ends the heartbeat thread
+        self.sending = False  # the main thread is blocked writing to a neighbour
+        self.heartbeat_thread: threading.Thread | None = None
+        self.control_receivers: Receivers | None = None
+        self.parts: Parts | None = None
+        self.stopped = False  # a Stop was received
+        self.name = f"worker pid {os.getpid()}"
+        self._data_wait_total = 0.0
+
+    # -- control messages ------------------------------------------------------------------
+
+    def reply(self, message: messages.Message) -> None:
+        with self.control_lock:
+            self.control.send_frame(Kind.CONTROL, 0, 0, messages.encode(message))
+
+    def alive(self) -> bool:
+        """Called by the main thread whenever it makes progress or wakes from a wait: the
+        heartbeat thread beats only while this stays fresh, so a stuck main thread goes silent.
+
+        Returns whether to stop waiting: on SIGTERM, or when a command arrives while the main
+        thread waits inside a step. Steps run in lock-step, so the coordinator sends nothing
+        during a step but a ``Stop`` after a failure elsewhere (a pipe worker is killed then,
+        an MPI rank must leave its wait to find the ``Stop``)."""
+        self.last_alive = time.monotonic()
+        return self.terminate or bool(self.inbox.depth(CONTROL))
+
+    def _heartbeat(self, interval_s: float, timeout_s: float) -> None:
+        while not self.stopping.wait(interval_s):
+            stuck = time.monotonic() - self.last_alive > timeout_s
+            if stuck and not self.sending:
+                # The main thread is stuck in its own work: let the coordinator notice the
+                # silence. Blocked sending to a neighbour is waiting, not hanging: the
+                # neighbour that does not read is the one whose heartbeat stops.
+                continue
+            try:
+                self.reply(messages.Heartbeat())
+            except Exception:  # noqa: BLE001 - the coordinator is gone; the main thread will see
+                return
+
+    def idle(self) -> bool:
+        """The liveness callback while waiting for the next command: whether to stop (SIGTERM)."""
+        self.last_alive = time.monotonic()
+        return self.terminate
+
+    def next_command(self) -> messages.Message:
+        frame = self.inbox.get(CONTROL, interrupted=self.idle)
+        if frame.kind != Kind.CONTROL:
+            raise ProtocolError(f"{self.name}: expected a control frame, got kind {frame.kind}")
+        return messages.decode(frame.array)
+
+    # -- commands ----------------------------------------------------------------------------
+
+    def run_step(self, step: int) -> None:
+        parts = self.parts
+        stage, place, hooks_now = parts.stage, parts.place, hooks.current()
+        hooks_now.before_step(place, step)
+        started = time.perf_counter()
+        waited = 0.0
+        # begin_step swaps in the gradient arrays of two steps ago: they must be hashed by now
+        # (they have had a whole step; this returns at once unless hashing fell behind).
+        parts.digester.wait(at_most_pending=1)
+        stage.begin_step(step)
+        for action in parts.actions:
+            hooks_now.before_action(place, step, action)
+            source = stage.needs_input(action)
+            received = None
+            if source is not None:
+                wait_start = time.perf_counter()
+                expected = Kind.ACTIVATION if source == UPSTREAM else Kind.GRADIENT
+                received = receive_frame(self.inbox, source, expected, step, action.microbatch,
+                                         what=str(action), interrupted=self.alive,
+                                         name=self.name)
+                waited += time.perf_counter() - wait_start
+            self.alive()
+            outgoing = stage.execute(action, received)
+            if outgoing is not None:
+                self.send_to(outgoing.direction, outgoing.kind, step, outgoing.microbatch,
+                             outgoing.array)
+        reduce_s = 0.0
+        if parts.reducer is not None:  # most of the all-reduce ran during backward already
+            wait_start = time.perf_counter()
+            parts.reducer.wait(interrupted=self.alive)
+            reduce_s = time.perf_counter() - wait_start
+        parts.digester.submit(step, parts.digest_share())
+        stage.apply_update()
+        hooks_now.after_update(place, step, stage)
+        elapsed = time.perf_counter() - started
+        data_wait, depth = None, None
+        if parts.loader is not None:
+            stats = parts.loader.stats()
+            data_wait = stats["consumer_wait_s"] - self._data_wait_total
+            self._data_wait_total = stats["consumer_wait_s"]
+            depth = stats["queue_depth"]
+        self.reply(messages.StepDone(
+            step=step, loss=stage.step_loss if stage.is_last else None,
+            compute_s=elapsed - waited - reduce_s - (data_wait or 0.0),
+            wait_neighbours_s=waited, allreduce_s=reduce_s, wait_data_s=data_wait,
+            loader_depth=depth))
+
+    def send_to(self, direction: str, kind: Kind, step: int, index: int,
+                data: np.ndarray) -> None:
+        self.sending = True
+        try:
+            self.parts.channels[direction].send_frame(kind, step, index, data,
+                                                      timeout_s=self.parts.op_timeout_s)
+        finally:
+            self.sending = False
+            self.alive()
+
+    def send_params(self) -> None:
+        stage = self.parts.stage
+        with self.control_lock:  # header and frames back to back: no heartbeat in between
+            self.control.send_frame(Kind.CONTROL, 0, 0,
+                                    messages.encode(messages.ParamsFollow(names=stage.names)))
+            for position, name in enumerate(stage.names):
+                self.control.send_frame(Kind.PARAMETER, 0, position, stage.params[name])
+
+    def write_checkpoint(self, command: messages.WriteCheckpoint) -> None:
+        """Replica 0 writes the segment; every replica reports a digest of its parameters so
+        the coordinator can check that the replicas have not drifted apart."""
+        stage, parts = self.parts.stage, self.parts
+        params_digest = combine(array_digest(stage.params[name]) for name in stage.names)
+        file = sha256 = None
+        if parts.place.replica == 0:
+            file, sha256 = checkpoint.write_segment(Path(command.directory), stage.index,
+                                                    stage.params, stage.optimizer.state_dict())
+        hooks.current().checkpoint_phase(parts.place, command.step, "segment_written")
+        self.reply(messages.Checkpointed(params_digest=params_digest, file=file, sha256=sha256))
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def serve(self) -> int:
+        self.control_receivers = Receivers(self.inbox, op_timeout_s=None)
+        self.control_receivers.start(CONTROL, self.control, fatal=True)
+        try:
+            init = self.next_command()
+            if isinstance(init, messages.Stop):  # released before it started (MPI: rank 0
+                self.stopped = True               # refused the run and says why)
+                return ExitCode.OK
+            if not isinstance(init, messages.Init):
+                raise ProtocolError(f"the first control message must be init, got {init}")
+            self.transport.prepare(init)
+            self.parts = build_parts(init, self.transport, self.inbox, self._report_digests,
+                                     self.alive)
+            self.name = str(self.parts.place)
+            self.heartbeat_thread = start_helper(
+                self._heartbeat, name="heartbeat",
+                args=(init.heartbeat_interval_s, init.heartbeat_timeout_s))
+            hooks.current().worker_ready(self.parts.place)
+            self.reply(messages.Ready(pid=os.getpid()))
+            while True:
+                match self.next_command():
+                    case messages.Step(step=step):
+                        self.run_step(step)
+                    case messages.SendParams():
+                        self.send_params()
+                    case messages.WriteCheckpoint() as command:
+                        self.write_checkpoint(command)
+                    case messages.Stop():
+                        self.stopped = True
+                        return ExitCode.OK
+                    case other:
+                        raise ProtocolError(f"{self.name}: unexpected command {other}")
+        except InterruptedError:
+            return ExitCode.OK  # SIGTERM or a stop: leave quietly, the coordinator decides
+        except Exception as exc:  # noqa: BLE001 - every failure must reach the coordinator
+            return self._fail(exc)
+        finally:
+            self.shutdown()
+
+    def _fail(self, exc: Exception) -> int:
+        if self.terminate:
+            return ExitCode.OK  # SIGTERM interrupted whatever was in progress: a clean exit
+        cause = exc.__cause__ if isinstance(exc, JobFailed) else exc
+        if isinstance(cause, PeerClosed | ChannelClosed):
+            # A neighbour's link closed: most likely a consequence of that neighbour's own
+            # failure, which the coordinator is better placed to name.
+            self._report(str(exc), consequence=True)
+        elif isinstance(cause, InboxFailure):  # a corrupt or stalled frame: our finding
+            self._report(str(exc))
+        else:
+            self._report(f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        return ExitCode.FAILED
+
+    def _report_digests(self, step: int, digests: list[str | None]) -> None:
+        self.reply(messages.Digests(step=step, digests=digests))
+
+    def _report(self, message: str, trace: str = "", *, consequence: bool = False) -> None:
+        sys.stderr.write(f"{self.name}: {message}\n{trace}")
+        with contextlib.suppress(Exception):  # the coordinator may be gone already
+            self.reply(messages.Failed(message=message, traceback=trace,
+                                       consequence=consequence))
+
+    def shutdown(self) -> None:
+        self.stopping.set()
+        if self.parts is not None:
+            # A helper may be waiting in the inbox for a replica that is gone: wake it first.
+            self.inbox.fail(InboxClosed(f"{self.name} is shutting down"))
+            self.parts.close()
+        if self.heartbeat_thread is not None:
+            self.heartbeat_thread.join()
+        if self.control_receivers is not None:
+            self.control_receivers.stop()
+        if not self.transport.keeps_control_open:
+            self.control.close()
+
+
+def leftover_threads(allowed: tuple[str, ...] = ()) -> list[str]:
+    """Threads still alive besides the main thread (and those named in ``allowed``)."""
+    return [t.name for t in threading.enumerate()
+            if t is not threading.main_thread() and t.name not in allowed]
+
+
+def ignore_job_control() -> None:
+    for sig in IGNORED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    die_with_parent()
+    ignore_job_control()
+    worker = Worker(PipeChannel(int(argv[0]), int(argv[1]), name="control"), PipeTransport())
+
+    def on_term(signum: int, frame: object) -> None:
+        worker.terminate = True  # only the flag: the main thread acts on it
+
+    signal.signal(signal.SIGTERM, on_term)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(int(os.environ.get("PIPETRAIN_BLAS_THREADS", "1"))):
+        status = worker.serve()
+    leftover = leftover_threads()
+    if leftover:  # every thread this process started must be joined by now
+        sys.stderr.write(f"{worker.name}: threads still alive at exit: {leftover}\n")
+        return ExitCode.THREADS_LEFT
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

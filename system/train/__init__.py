@@ -1,0 +1,1 @@
+"""Training runs: the distributed loop around the coordinator, and the one-process reference."""
