@@ -27,7 +27,6 @@ import numpy as np
 from pipetrain.config import MATH_KEYS, build_config
 from pipetrain.run.rundir import load_params, read_events, read_state
 
-REPO = Path(__file__).resolve().parent.parent
 STATUSES = ("valid", "invalid", "unknown")
 
 
@@ -289,10 +288,7 @@ def reference_config(train: dict[str, Any]) -> dict[str, Any]:
     """The keys of ``train`` that decide the numbers (``MATH_KEYS``), fully resolved: how many
     stages, which schedule or transport never change the reference's result."""
     math = {key: value for key, value in train.items() if key in MATH_KEYS}
-    values = build_config({**math, "stages": 1}, source="scenario train").math_config()
-    if values["dataset"] != "digits":  # the run starts in the repository, so paths are from there
-        values["dataset"] = str((REPO / values["dataset"]).resolve())
-    return values
+    return build_config({**math, "stages": 1}, source="scenario train").math_config()
 
 
 def ensure_reference(train: dict[str, Any], cache_dir: Path, *, timeout_s: float = 900) -> Path:
@@ -315,14 +311,12 @@ def ensure_reference(train: dict[str, Any], cache_dir: Path, *, timeout_s: float
         config_path = work / "reference.toml"
         config_path.write_text(scenario_to_toml(values))  # `reference` runs one stage anyway
         run_dir = work / "run"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PIPETRAIN_TEST_")}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        try:
+        try:  # plain pipetrain: no harness hooks, no plan
             result = subprocess.run(
-                [sys.executable, "-m", "pipetrain.cli", "reference", str(config_path),
+                [sys.executable, "-P", "-m", "pipetrain", "reference", str(config_path),
                  "--run-dir", str(run_dir), "--quiet"],
-                capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, cwd=REPO,
-                timeout=timeout_s,
+                capture_output=True, text=True, env=dict(os.environ), stdin=subprocess.DEVNULL,
+                cwd=work, timeout=timeout_s,
             )
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"the reference run took longer than {timeout_s:g}s") from None

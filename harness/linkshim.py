@@ -1,43 +1,40 @@
-"""Faults on the real pipe between two stages, switched on only by the scenario harness.
+"""Faults on the real pipe between two stages: the channel the harness's hooks hand a stage.
 
-Why a shim in the sender rather than a relay process between the stages: a relay would add a
-copy and a process to every link of every run for the sake of tests, and it would need to parse
-frames to act "at step N" anyway. The shim sits in the sending stage, sees each frame's step,
-and acts on the real pipe: it delays or throttles the write, flips bits in the bytes that really
-cross the pipe (the receiver's CRC must catch them), or closes the write end (the receiver reads
-end-of-file). Production runs never load it: it is wrapped around a channel only when
-``PIPETRAIN_LINK_FAULTS`` holds a plan, which only the harness sets.
+Why a wrapper around the sending stage's channel rather than a relay process between the
+stages: a relay would add a copy and a process to every link of every run for the sake of tests,
+and it would need to parse frames to act "at step N" anyway. The wrapper sits in the sending
+stage (installed at the ``wrap_channel`` hook, only for links the plan names), sees each frame's
+step, and acts on the real pipe: it delays or throttles the write, flips bits in the bytes that
+really cross the pipe (the receiver's CRC must catch them), or closes the write end (the
+receiver reads end-of-file). A run with no link fault planned keeps its channels as they are.
 
-A plan is a JSON list of faults, each ``{"kind": "delay"|"throttle"|"corrupt"|"sever",
-"link": "0->1", "replica": 0, "at_step": 5, "for_steps": 2, "generation": 0, ...}`` with
-``latency_ms`` / ``jitter_ms`` (delay), ``bandwidth_bytes_per_s`` (throttle), ``flips`` (corrupt).
-``for_steps`` 0 means until the end. A fault acts in one worker generation (0: before any
-restart) so a recovered run can finish.
+A fault is ``{"kind": "delay"|"throttle"|"corrupt"|"sever", "link": "0->1", "replica": 0,
+"at_step": 5, "for_steps": 2, "generation": 0, ...}`` with ``latency_ms`` / ``jitter_ms``
+(delay), ``bandwidth_bytes_per_s`` (throttle), ``flips`` (corrupt). ``for_steps`` 0 means until
+the end. A fault acts in one worker generation (0: before any restart) so a recovered run can
+finish.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import time
 from typing import Any
 
 import numpy as np
 
-from pipetrain.wire.frames import Kind, byte_view, describe, encode_header
-from pipetrain.wire.pipe import Channel, ChannelClosed, Frame, PipeChannel
+from pipetrain.wire.channel import Channel, ChannelClosed
+from pipetrain.wire.frames import Frame, Kind, byte_view, describe, encode_header
+from pipetrain.wire.pipe import PipeChannel
 
-ENV = "PIPETRAIN_LINK_FAULTS"
 KINDS = ("delay", "throttle", "corrupt", "sever")
 
 
-def plan_for(stage: int, neighbour: int, replica: int, generation: int) -> list[dict[str, Any]]:
-    text = os.environ.get(ENV)
-    if not text:
-        return []
+def faults_for(plan: list[dict[str, Any]], stage: int, neighbour: int, replica: int,
+               generation: int) -> list[dict[str, Any]]:
+    """The faults of ``plan`` on the link from ``stage`` to ``neighbour`` in this group."""
     link = f"{stage}->{neighbour}"
-    return [fault for fault in json.loads(text)
+    return [fault for fault in plan
             if fault.get("link") == link and fault.get("replica", 0) == replica
             and fault.get("generation", 0) == generation]
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from typing import Any
 
 import psutil
 
-from pipetrain.runtime.inbox import CONTROL_SIGNALS
+from pipetrain.threads import block_control_signals
 
 MARKER_ENV = "PIPETRAIN_HARNESS_TOKEN"
 FD_GROWTH_LIMIT = 16  # more new fds than this over a process's life counts as a leak
@@ -70,11 +69,13 @@ class Baseline:
 
 
 def role_of(cmdline: list[str], name: str) -> str:
-    if "pipetrain.cli" in cmdline or any(os.path.basename(arg) == "pipetrain"
-                                      for arg in cmdline[:2]):
-        return "coordinator"
-    if "pipetrain.runtime.worker" in cmdline:
+    """``coordinator`` or ``worker`` for a process of a pipetrain run, else its name."""
+    if "pipetrain.runtime.worker" in cmdline or (
+            "pipetrain_harness.entry" in cmdline and "worker" in cmdline):
         return "worker"
+    if ({"pipetrain", "pipetrain.cli", "pipetrain_harness.entry"} & set(cmdline)
+            or any(os.path.basename(arg) == "pipetrain" for arg in cmdline[:2])):
+        return "coordinator"
     return name
 
 
@@ -111,7 +112,7 @@ class Monitor:
             self.roots.append(pid)
 
     def _run(self) -> None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
+        block_control_signals()
         while True:
             try:
                 self.sample()

@@ -1,4 +1,4 @@
-"""Collects scenario files as pytest items: ``pytest -p pipetrain_harness.pytest_plugin scenarios/``.
+"""Scenario files as pytest items: ``pytest -p pipetrain_harness.pytest_plugin scenarios/``.
 
 Each ``*.toml`` under the given paths becomes one test that runs the scenario and fails with the
 failed checks and the command that reproduces it. With pytest-xdist, scenarios run in parallel;

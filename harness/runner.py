@@ -10,7 +10,10 @@
     monitor thread ── psutil samples of every process of the run
     after the run: leak report, reference run (cached), checks, report
 
-The run is started in its own session so that a timeout can end its whole process tree.
+The run is started in its own session so that a timeout can end its whole process tree, through
+the harness's entry point (``pipetrain_harness.entry``), which installs the harness's hooks from
+the plan the faults prepared; it runs in the scenario's work directory, so nothing in the
+directory the harness was started from can shadow a module.
 """
 
 from __future__ import annotations
@@ -32,18 +35,13 @@ from pipetrain_harness.checks import CheckResult, RunOutcome, ensure_reference, 
 from pipetrain_harness.faults.base import Context, Fault, Launch, Target
 from pipetrain_harness.history import History
 from pipetrain_harness.monitor import Baseline, Monitor
+from pipetrain_harness.plan import Plan
 from pipetrain_harness.report import write_report
 from pipetrain_harness.scenario import Scenario, scenario_to_toml
 
-REPO = Path(__file__).resolve().parent.parent
 TICK_S = 0.02
 MAX_RESUMES = 5
-
-
-def repo_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
+ENTRY = [sys.executable, "-P", "-m", "pipetrain_harness.entry"]
 
 
 class EventTail:
@@ -99,17 +97,16 @@ class ScenarioRun:
 
     def launch(self, resume: bool) -> subprocess.Popen:
         config_path = self.work_dir / "train.toml"
-        args = [sys.executable, "-m", "pipetrain.cli", "train", str(config_path),
-                "--run-dir", str(self.run_dir), "--quiet"]
+        args = [*ENTRY, "train", str(config_path), "--run-dir", str(self.run_dir), "--quiet"]
         if resume:
             args.append("--resume")
-        env = repo_env()
+        env = dict(os.environ)
         env.update(self.baseline.env())  # a token every descendant inherits: finds orphans
-        if self.scenario.step_delay_s:
-            env["PIPETRAIN_TEST_STEP_DELAY_S"] = str(self.scenario.step_delay_s)
-        launch = Launch(args=args, env=env)
+        launch = Launch(args=args, env=env, plan=Plan(step_delay_s=self.scenario.step_delay_s,
+                                                      seed=self.seed))
         for armed in self.faults:
             armed.fault.prepare(launch)
+        launch.env.update(launch.plan.env())
         if launch.rlimits:
             # Limits are set in a tiny Python stub that then execs the run, instead of a
             # preexec_fn, which is unsafe in a process that has threads (the monitor's).
@@ -119,11 +116,12 @@ class ScenarioRun:
                     "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
             launch.args = [sys.executable, "-c", stub, *launch.args[1:]]
         self.history.record("launch", args=launch.args[3:] if launch.rlimits else launch.args[1:],
-                            resume=resume)
+                            resume=resume, plan=launch.plan.to_json())
         stderr_path = self.work_dir / f"stderr-{len(self.history.ops('launch'))}.txt"
         with open(stderr_path, "wb") as stderr:
             return subprocess.Popen(launch.args, env=launch.env, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=stderr, cwd=REPO,
+                                    stdout=subprocess.DEVNULL, stderr=stderr,
+                                    cwd=self.work_dir,
                                     start_new_session=True)
 
     # -- faults --------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """Scenario files: load and validate one failure case (a TOML file in ``scenarios/``).
 
 A scenario names a training run (``[train]``, the keys of the training config), the faults to
-inject into it (``[[faults]]``, built by ``pipetrain_harness.faults.build_fault``) and what must hold
-afterwards (``[expect]``). Everything is checked when the file is loaded, so a typo fails in
-one line naming the file and the key, before any process starts, and never half-way through a
-run. ``scenario_to_toml`` writes the same structure back (the fuzzer saves failing plans with
+inject into it (``[[faults]]``, built by ``pipetrain_harness.faults.build_fault``) and what must
+hold afterwards (``[expect]``). Everything is checked when the file is loaded, so a typo fails
+in one line naming the file and the key, before any process starts, and never half-way through
+a run. ``scenario_to_toml`` writes the same structure back (the fuzzer saves failing plans with
 it); it is a small writer for plain data rather than a new dependency.
 """
 
@@ -149,6 +149,10 @@ class _Checker:
 def _parse_train(checker: _Checker, train: dict[str, Any]) -> dict[str, Any]:
     if "run_dir" in train:
         checker.fail("train.run_dir", "not allowed: the harness chooses the run directory")
+    dataset = train.get("dataset")
+    if isinstance(dataset, str) and dataset != "digits":
+        # A dataset path is relative to the scenario file, wherever the harness runs from.
+        train = {**train, "dataset": str((checker.path.parent / dataset).resolve())}
     try:
         build_config(train, source=f"{checker.path}: train")
     except ConfigError as exc:

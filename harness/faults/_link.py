@@ -1,5 +1,5 @@
 """What the four link kinds (delay, throttle, corrupt, sever) share: each adds one entry to the
-plan in ``PIPETRAIN_LINK_FAULTS`` before launch, and the shim in the sending stage
+run's plan before launch, and the channel wrapper in the sending stage
 (:mod:`pipetrain_harness.linkshim`) acts on the real pipe at the planned steps.
 
 Because the shim counts steps, a link fault is placed with ``at_step`` (default 1) and lasts
@@ -9,13 +9,11 @@ inside the system and are refused rather than silently ignored.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any, ClassVar
 
 from pipetrain_harness.faults._settings import refuse, setting
 from pipetrain_harness.faults.base import Context, Fault, FaultError, Launch
-from pipetrain_harness.linkshim import ENV
 
 LINK_PARAMS: dict[str, type | tuple[type, ...]] = {"link": str, "replica": int}
 LINK_PATTERN = re.compile(r"(\d+)->(\d+)")
@@ -43,13 +41,11 @@ class LinkFault(Fault):
         }
 
     def prepare(self, launch: Launch) -> None:
-        plans = json.loads(launch.env.get(ENV) or "[]")
-        plans.append(self.plan)
-        launch.env[ENV] = json.dumps(plans)
+        launch.plan.link_faults.append(dict(self.plan))
 
     def invoke(self, ctx: Context) -> None:
         # The shim acts by itself at the planned step; note the plan beside the run's events.
-        ctx.history.record("fault_in_system", fault=self.describe(), env=ENV, plan=self.plan)
+        ctx.history.record("fault_in_system", fault=self.describe(), plan=self.plan)
 
     def expected_restarts(self) -> int | None:
         return self.restarts

@@ -20,12 +20,16 @@ from pipetrain_harness.faults.base import Context, Fault, FaultError
 TARGET_PATTERN = re.compile(r"coordinator|random_worker|stage:\d+(:replica:\d+)?")
 
 # What a stage worker does on each signal: it handles SIGTERM by leaving cleanly, ignores SIGINT
-# (the coordinator owns Ctrl-C) and keeps the default action for everything else, so every
-# signal whose default action ends a process ends a worker and costs one group restart.
+# and the terminal's job-control stops (the coordinator owns Ctrl-C and Ctrl-Z) and keeps the
+# default action for everything else, so every signal whose default action ends a process ends
+# a worker and costs one group restart. Only SIGSTOP, which cannot be ignored, freezes one.
 WORKER_IGNORES = frozenset({signal.SIGINT, signal.SIGPIPE, signal.SIGCHLD, signal.SIGCONT,
-                            signal.SIGURG, signal.SIGWINCH})
-WORKER_STOPS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
-STOPPING = WORKER_STOPS  # signals after which the target needs a SIGCONT
+                            signal.SIGURG, signal.SIGWINCH, signal.SIGTSTP, signal.SIGTTIN,
+                            signal.SIGTTOU})
+WORKER_STOPS = frozenset({signal.SIGSTOP})
+# Signals after which a target may need a SIGCONT: a kernel stop, or a default-action job-control
+# stop (which the kernel drops in an orphaned process group, so it may not stop at all).
+STOPPING = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 
 
 def parse_signal(fault: Fault, key: str, name: Any) -> signal.Signals:

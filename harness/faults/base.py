@@ -8,8 +8,9 @@ says for how long: ``duration_s`` seconds or ``for_steps`` steps, after which th
 even when the run failed: a frozen process is thawed, a storm stops.
 
 Capabilities are separate, optional methods: ``prepare`` (change the launch before the run
-starts: environment, resource limits) for faults that live inside the system, like the link
-faults and the slow loader, and ``expected_restarts`` for the checks.
+starts: the plan the harness's hooks read inside the run, resource limits) for faults that act
+inside the system, like the link faults and the slow loader, and ``expected_restarts`` for the
+checks.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
+
+from pipetrain_harness.plan import Plan
 
 
 class FaultError(ValueError):
@@ -32,6 +35,8 @@ class Launch:
     env: dict[str, str]
     # Resource limits for the run's process tree: {resource.RLIMIT_*: (soft, hard)}.
     rlimits: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # What the harness's hooks do inside the run's processes (pipetrain_harness.plan).
+    plan: Plan = field(default_factory=Plan)
 
 
 class Target:

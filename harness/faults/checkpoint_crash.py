@@ -20,8 +20,6 @@ from pipetrain_harness.faults._settings import setting
 from pipetrain_harness.faults._signals import OwnedThread, check_target, parse_signal, resolve, send
 from pipetrain_harness.faults.base import Context, Fault, Launch
 
-# Read by pipetrain_harness.testhooks (the stages sleep this long mid-write).
-CHECKPOINT_DELAY_ENV = "PIPETRAIN_TEST_CHECKPOINT_DELAY_S"
 POLL_S = 0.002
 
 
@@ -38,8 +36,8 @@ class CheckpointCrash(Fault):
         self.watcher: OwnedThread | None = None
 
     def prepare(self, launch: Launch) -> None:
-        if self.checkpoint_delay_s:
-            launch.env[CHECKPOINT_DELAY_ENV] = repr(float(self.checkpoint_delay_s))
+        launch.plan.checkpoint_delay_s = max(launch.plan.checkpoint_delay_s,
+                                             float(self.checkpoint_delay_s))
 
     def invoke(self, ctx: Context) -> None:
         stale = _tmp_dirs(ctx.run_dir / "checkpoints")  # left by an earlier crash: not a write

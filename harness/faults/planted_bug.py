@@ -1,21 +1,24 @@
 """planted_bug: switch on a deliberate bug in one stage at ``at_step`` (default 3), to prove the
-harness catches a broken system: ``wrong_gradient`` (one gradient element one ulp off: the
-equivalence check must fail), ``leak_fd`` or ``leak_child`` (the leak check must fail).
+harness catches a broken system: ``wrong_gradient`` (one parameter element nudged by a
+millionth after an update: the equivalence check must fail), ``leak_fd`` or ``leak_child`` (the
+leak check must fail), and ``stale_restart`` (stage 0 forgets its optimizer state whenever the
+group restarts: only a run with a restart shows it; what ``fuzz --plant`` switches on).
 
-The bug lives in :mod:`pipetrain_harness.testhooks` and fires in the first worker generation only; the run
-itself goes on without a restart, which is the point: only the checks can see it.
+The bug lives in the harness's hooks (:mod:`pipetrain_harness.hooks`) and fires in the first
+worker generation only (``stale_restart``: in every later one); the run itself goes on without a
+restart, which is the point: only the checks can see it.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pipetrain_harness.faults._settings import refuse, setting
 from pipetrain_harness.faults.base import Context, Fault, FaultError, Launch
-from pipetrain_harness.testhooks import ENV
 
-BUGS = {"wrong_gradient": "perturb", "leak_fd": "leak_fd", "leak_child": "leak_child"}
+# bug -> the stage fault of the plan that plants it (None: a planted bug of the plan's own)
+BUGS = {"wrong_gradient": "perturb", "leak_fd": "leak_fd", "leak_child": "leak_child",
+        "stale_restart": None}
 
 
 class PlantedBug(Fault):
@@ -35,13 +38,13 @@ class PlantedBug(Fault):
                      "kind": BUGS[table["bug"]]}
 
     def prepare(self, launch: Launch) -> None:
-        if launch.env.get(ENV):  # the hook holds one fault; a second would silently replace it
-            raise FaultError(f"{self.where}: {ENV} is already set ({launch.env[ENV]}); "
-                             f"a scenario can plant one bug")
-        launch.env[ENV] = json.dumps(self.hook)
+        if self.hook["kind"] is None:
+            launch.plan.planted.append(self.table["bug"])
+        else:
+            launch.plan.stage_faults.append(dict(self.hook))
 
     def invoke(self, ctx: Context) -> None:
-        ctx.history.record("fault_in_system", fault=self.describe(), env=ENV, hook=self.hook)
+        ctx.history.record("fault_in_system", fault=self.describe(), hook=self.hook)
 
     def expected_restarts(self) -> int | None:
         return 0

@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any
 
-from pipetrain.runtime.signals import HANDLED
+from pipetrain.threads import CONTROL_SIGNALS
 from pipetrain_harness.faults._settings import setting
 from pipetrain_harness.faults._signals import (
     STOPPING,
@@ -34,7 +34,7 @@ from pipetrain_harness.faults.base import Context, Fault, FaultError
 
 # Signals the coordinator survives: its control signals, a kernel stop (the storm ends with a
 # SIGCONT), and the ones Python or the default action ignore.
-COORDINATOR_SURVIVES = frozenset({*HANDLED, signal.SIGSTOP, signal.SIGPIPE, signal.SIGCHLD,
+COORDINATOR_SURVIVES = frozenset({*CONTROL_SIGNALS, signal.SIGSTOP, signal.SIGPIPE, signal.SIGCHLD,
                                   signal.SIGURG, signal.SIGWINCH})
 
 

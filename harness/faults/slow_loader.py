@@ -7,7 +7,6 @@ from typing import Any
 
 from pipetrain_harness.faults._settings import refuse, setting
 from pipetrain_harness.faults.base import Context, Fault, Launch
-from pipetrain_harness.testhooks import LOADER_DELAY_ENV
 
 
 class SlowLoader(Fault):
@@ -22,10 +21,11 @@ class SlowLoader(Fault):
         self.delay_s = setting(self, "delay_s", None, minimum=0, exclusive=True)
 
     def prepare(self, launch: Launch) -> None:
-        launch.env[LOADER_DELAY_ENV] = repr(float(self.delay_s))
+        launch.plan.loader_delay_s = max(launch.plan.loader_delay_s, float(self.delay_s))
 
     def invoke(self, ctx: Context) -> None:
-        ctx.history.record("fault_in_system", fault=self.describe(), env=LOADER_DELAY_ENV)
+        ctx.history.record("fault_in_system", fault=self.describe(),
+                           loader_delay_s=self.delay_s)
 
     def expected_restarts(self) -> int | None:
         return 0

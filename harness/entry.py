@@ -1,0 +1,30 @@
+"""``python -P -m pipetrain_harness.entry train|reference ARGS`` or ``... worker FD FD``: a
+pipetrain process with the harness's hooks installed from ``PIPETRAIN_HARNESS_PLAN``.
+
+The runner starts the run under test this way; the coordinator's ``worker_command`` hook starts
+its workers this way too, and under mpirun every rank comes here. Without a plan in the
+environment the hooks do nothing and this is plain ``pipetrain``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+# First, before numpy loads anywhere: the command line fixes the BLAS threads of a coordinator.
+from pipetrain import cli, hooks  # isort: skip
+from pipetrain.runtime import worker  # isort: skip
+
+from pipetrain_harness.hooks import HarnessHooks
+from pipetrain_harness.plan import Plan
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    hooks.install(HarnessHooks(Plan.from_env()))
+    if argv[:1] == ["worker"]:
+        sys.exit(worker.main(argv[1:]))
+    cli.main(argv)
+
+
+if __name__ == "__main__":
+    main()
