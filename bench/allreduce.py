@@ -1,7 +1,7 @@
 """All-reduce throughput among R processes over pipes, against a raw pipe copy of the same bytes.
 
 Each replica is a real process (``multiprocessing`` fork) holding ``--mib`` MiB of float32
-gradients; the chain all-reduce of ``system.allreduce`` runs over ``PipeChannel`` s. The figure is
+gradients; the chain all-reduce of ``pipetrain.wire.allreduce`` runs over ``PipeChannel`` s. The figure is
 bytes of gradient reduced per second per replica (buffer size / wall time of one all-reduce).
 The baseline moves the same bytes once through one raw ``os.pipe`` between two processes.
 
@@ -19,9 +19,9 @@ import time
 
 import numpy as np
 
-from system.allreduce import chain_allreduce
-from system.protocol import Kind
-from system.transport import PipeChannel
+from pipetrain.wire.allreduce import chain_allreduce
+from pipetrain.wire.frames import Kind
+from pipetrain.wire.pipe import PipeChannel
 
 
 def _replica(rank: int, size: int, fds: dict, nbytes: int, repeats: int, out) -> None:

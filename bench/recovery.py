@@ -41,7 +41,7 @@ def measure(kills: int, seed: int = 0) -> list[float]:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "system.cli", "train", "--run-dir", str(run_dir), "--epochs",
+            [sys.executable, "-m", "pipetrain.cli", "train", "--run-dir", str(run_dir), "--epochs",
              "200", "--checkpoint-every", "5", "--max-restarts", str(kills + 1), "--quiet"],
             env=env, cwd=REPO)
         try:

@@ -85,7 +85,7 @@ def pipetrain_args(config: RunConfig, workload: Workload, dataset: Path,
                    run_dir: Path) -> list[str]:
     batch = config.batch or workload.batch
     args = [
-        sys.executable, "-m", "system.cli", config.command, "--dataset", str(dataset),
+        sys.executable, "-m", "pipetrain.cli", config.command, "--dataset", str(dataset),
         "--layers", workload.layers_arg, "--dtype", "float32", "--batch-size", str(batch),
         "--microbatches", str(config.microbatches), "--holdout", "0", "--optimizer", "sgd",
         "--epochs", str(config.epochs or workload.epochs), "--quiet", "--run-dir", str(run_dir),

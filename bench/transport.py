@@ -63,7 +63,7 @@ def _read_into(fd: int, view: memoryview) -> None:
 
 
 def _grow(fd: int) -> None:
-    from system.transport import _grow_pipe
+    from pipetrain.wire.pipe import _grow_pipe
 
     _grow_pipe(fd)
 
@@ -77,7 +77,7 @@ def _sender(method: str, size: int, count: int, go_r: int, endpoint) -> None:
         for _ in range(count):
             _write_all(endpoint, view)
     elif method.startswith("pipetrain"):
-        from system.protocol import Kind
+        from pipetrain.wire.frames import Kind
 
         for i in range(count):
             endpoint.send_frame(Kind.ACTIVATION, 1, i, payload)
@@ -91,7 +91,7 @@ def _sender(method: str, size: int, count: int, go_r: int, endpoint) -> None:
 
 def measure(method: str, size: int, count: int) -> float:
     """Bytes per second of payload for ``count`` messages of ``size`` bytes."""
-    from system.transport import PipeChannel, open_pipe
+    from pipetrain.wire.pipe import PipeChannel, open_pipe
 
     go_r, go_w = os.pipe()
     if method.startswith("raw") or method.startswith("pipetrain"):

@@ -11,20 +11,37 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from pipetrain_harness.plan import PLAN_ENV, Plan
+
 REPO = Path(__file__).resolve().parent.parent
 
 
-def cli_env(**extra: str) -> dict[str, str]:
+# The installed package's command line; -P: the working directory cannot shadow it.
+PIPETRAIN = [sys.executable, "-P", "-m", "pipetrain"]
+# The same through the harness's entry point, which installs its hooks from a plan.
+HARNESSED = [sys.executable, "-P", "-m", "pipetrain_harness.entry"]
+
+
+def cli_env(plan: Plan | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a run; with ``plan``, what the harness's hooks do inside it (the run
+    must then be started through the harness's entry point: ``harnessed=True``)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.pop(PLAN_ENV, None)
+    if plan is not None:
+        env.update(plan.env())
     env.update(extra)
     return env
 
 
+def _command(env: dict[str, str] | None) -> list[str]:
+    return HARNESSED if env is not None and PLAN_ENV in env else PIPETRAIN
+
+
 def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None,
             check: bool = False) -> subprocess.CompletedProcess:
+    """``pipetrain ARGS``; through the harness's entry point when ``env`` carries a plan."""
     result = subprocess.run(
-        [sys.executable, "-m", "system.cli", *args], capture_output=True, text=True,
+        [*_command(env), *args], capture_output=True, text=True,
         timeout=timeout, env=env or cli_env(), cwd=REPO,
     )
     if check and result.returncode != 0:
@@ -35,7 +52,7 @@ def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None,
 
 def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "system.cli", *args], stdout=subprocess.PIPE,
+        [*_command(env), *args], stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, env=env or cli_env(), cwd=REPO,
     )
 

@@ -1,4 +1,4 @@
-"""harness.checks: each checker on hand-built run directories, and the verdict."""
+"""pipetrain_harness.checks: each checker on hand-built run directories, and the verdict."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.checks import (
+from pipetrain.config import build_config
+from pipetrain.run.rundir import save_params
+from pipetrain_harness.checks import (
     CheckResult,
     RunOutcome,
     ensure_reference,
@@ -16,10 +18,8 @@ from harness.checks import (
     run_checks,
     verdict,
 )
-from harness.history import History
-from harness.scenario import Expect, Scenario
-from system.config import build_config
-from system.rundir import save_params
+from pipetrain_harness.history import History
+from pipetrain_harness.scenario import Expect, Scenario
 
 
 def digest(step: int, tag: str = "") -> str:
@@ -232,7 +232,7 @@ def test_a_check_that_raises_is_unknown(tmp_path):
 def test_no_leaks(tmp_path):
     expect = Expect(equivalence="none")
     assert by_name(run_checks(outcome(tmp_path, expect=expect)))["no_leaks"].status == "valid"
-    leaks = ["process left behind: pid 12 (worker) python -m system.worker 3 4",
+    leaks = ["process left behind: pid 12 (worker) python -m pipetrain.runtime.worker 3 4",
              "fd leak: pid 13 (worker) went from 8 to 58 open fds"]
     result = by_name(run_checks(outcome(tmp_path, leaks=leaks, expect=expect)))["no_leaks"]
     assert result.status == "invalid" and "pid 12" in result.message and "pid 13" in result.message

@@ -1,4 +1,4 @@
-"""harness.monitor: sampling real processes, the owned thread, and the leak report."""
+"""pipetrain_harness.monitor: sampling real processes, the owned thread, and the leak report."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from harness.monitor import MARKER_ENV, Baseline, Monitor, fd_growth, role_of
+from pipetrain_harness.monitor import MARKER_ENV, Baseline, Monitor, fd_growth, role_of
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(30)"]
 
@@ -70,10 +70,15 @@ def test_samples_the_child_and_stop_joins(sleeper):
 
 
 def test_roles():
-    assert role_of([sys.executable, "-m", "system.cli", "train", "--quiet"], "python3") \
+    assert role_of([sys.executable, "-m", "pipetrain.cli", "train", "--quiet"], "python3") \
         == "coordinator"
     assert role_of(["/usr/bin/pipetrain", "train"], "pipetrain") == "coordinator"
-    assert role_of([sys.executable, "-m", "system.worker", "5", "6"], "python3") == "worker"
+    assert role_of([sys.executable, "-m", "pipetrain.runtime.worker", "5", "6"],
+                   "python3") == "worker"
+    assert role_of([sys.executable, "-P", "-m", "pipetrain_harness.entry", "worker", "5", "6"],
+                   "python3") == "worker"
+    assert role_of([sys.executable, "-P", "-m", "pipetrain_harness.entry", "train"],
+                   "python3") == "coordinator"
     assert role_of(["sleep", "300"], "sleep") == "sleep"
 
 

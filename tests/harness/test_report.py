@@ -1,4 +1,4 @@
-"""harness.report: report.json, the self-contained report.html, the terminal summary."""
+"""pipetrain_harness.report: report.json, the self-contained report.html, the terminal summary."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.checks import CheckResult, RunOutcome
-from harness.history import History
-from harness.report import summary_table, write_report
-from harness.scenario import Expect, Scenario
-from system.rundir import save_params
+from pipetrain.run.rundir import save_params
+from pipetrain_harness.checks import CheckResult, RunOutcome
+from pipetrain_harness.history import History
+from pipetrain_harness.report import summary_table, write_report
+from pipetrain_harness.scenario import Expect, Scenario
 
 DESCRIPTION = 'kills a worker <script>alert("x")</script> & checks'
 
@@ -66,7 +66,7 @@ def make_outcome(tmp_path: Path) -> tuple[RunOutcome, list[CheckResult]]:
 def test_write_report(tmp_path):
     outcome, results = make_outcome(tmp_path)
     report = write_report(outcome, results, tmp_path / "reports",
-                          "python -m harness run scenarios/kill.toml --seed 4")
+                          "python -m pipetrain_harness run scenarios/kill.toml --seed 4")
     out = tmp_path / "reports" / "kill-worker"
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk == json.loads(json.dumps(report, default=str))
@@ -91,7 +91,7 @@ def test_write_report(tmp_path):
     assert "<script>" not in page and "&lt;script&gt;alert(&quot;x&quot;)" in page
     assert "<b>" not in page and "sleep 300 &lt;&amp;&gt;" in page
     assert "kill(target=&lt;stage:1&gt;)" in page
-    assert "python -m harness run scenarios/kill.toml --seed 4" in page
+    assert "python -m pipetrain_harness run scenarios/kill.toml --seed 4" in page
 
 
 def test_report_has_plots(tmp_path):

@@ -1,4 +1,4 @@
-"""harness.scenario: loading, validation (file and key named in one line), the TOML writer."""
+"""pipetrain_harness.scenario: loading, validation (file and key named in one line), the TOML writer."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ from typing import ClassVar
 
 import pytest
 
-import harness.faults
-from harness.faults.base import Fault
-from harness.scenario import (
+import pipetrain_harness.faults
+from pipetrain.config import TrainConfig
+from pipetrain_harness.faults.base import Fault
+from pipetrain_harness.scenario import (
     Expect,
     ScenarioError,
     load_all,
     load_scenario,
     scenario_to_toml,
 )
-from system.config import TrainConfig
 
 VALID = """
 name = "kill-a-worker"
@@ -64,7 +64,7 @@ class NoopFault(Fault):
 
 @pytest.fixture
 def fake_faults(monkeypatch):
-    monkeypatch.setattr(harness.faults, "FAULTS", {"noop": NoopFault})
+    monkeypatch.setattr(pipetrain_harness.faults, "FAULTS", {"noop": NoopFault})
 
 
 def write(tmp_path: Path, text: str, name: str = "case.toml") -> Path:
@@ -193,10 +193,10 @@ def test_loaded_scenario_writes_back_to_itself(tmp_path, fake_faults):
 
 
 def _registry_complete() -> bool:
-    if importlib.util.find_spec("harness.faults.kill") is None:
+    if importlib.util.find_spec("pipetrain_harness.faults.kill") is None:
         return False
     try:
-        harness.faults._register()
+        pipetrain_harness.faults._register()
     except ImportError:
         return False
     return True

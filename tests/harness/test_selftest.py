@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
 
 import pytest
 
-from harness.runner import run_scenario
-from harness.scenario import load_scenario, scenario_to_toml
+from pipetrain_harness.runner import run_scenario
+from pipetrain_harness.scenario import load_scenario, scenario_to_toml
 from tests.helpers import REPO, cli_env
+
+HARNESS = [sys.executable, "-P", "-m", "pipetrain_harness"]
 
 
 def scenario_file(tmp_path, name: str, bug: str):
@@ -40,7 +43,8 @@ def test_planted_bug_is_reported(tmp_path, bug, check, needle):
     failed = {r.name: r for r in results if r.status == "invalid"}
     assert check in failed, results
     assert needle in failed[check].message, failed[check].message
-    assert reproduce.startswith("python -m harness run ") and str(scenario.path) in reproduce
+    assert reproduce.startswith("python -m pipetrain_harness run ")
+    assert str(scenario.path) in reproduce
     assert (tmp_path / "reports" / scenario.name / "report.html").exists()
 
 
@@ -59,7 +63,7 @@ def test_fuzzer_finds_the_planted_restart_bug_and_saves_it(tmp_path):
     and a stateful optimizer reveal it. Seed 3's first plans include one."""
     save_dir = tmp_path / "found"
     result = subprocess.run(
-        [sys.executable, "-m", "harness", "fuzz", "--seconds", "40", "--seed", "3",
+        [*HARNESS, "fuzz", "--seconds", "40", "--seed", "3",
          "--plant", "stale_restart", "--report-dir", str(tmp_path / "reports"),
          "--save-dir", str(save_dir)],
         capture_output=True, text=True, timeout=300, cwd=REPO, env=cli_env(),
@@ -67,18 +71,20 @@ def test_fuzzer_finds_the_planted_restart_bug_and_saves_it(tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr
     saved = sorted(save_dir.glob("*.toml"))
     assert saved, result.stdout
-    assert "reproduce: PIPETRAIN_TEST_PLANTED_BUG=stale_restart python -m harness run" in (
-        result.stdout)
-    # The saved plan reproduces the failure with the bug planted, and passes without it.
+    assert f"reproduce: python -m pipetrain_harness run {saved[0]}" in result.stdout
+    # The saved plan carries its bug: the reproduce line alone fails again ...
     again = subprocess.run(
-        [sys.executable, "-m", "harness", "run", str(saved[0]), "--report-dir",
-         str(tmp_path / "again")], capture_output=True, text=True, timeout=300, cwd=REPO,
-        env=cli_env(PIPETRAIN_TEST_PLANTED_BUG="stale_restart"),
+        [*HARNESS, "run", str(saved[0]), "--report-dir", str(tmp_path / "again")],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env=cli_env(),
     )
     assert again.returncode == 1, again.stdout
+    # ... and the same plan without the planted bug passes.
+    plan = tomllib.loads(saved[0].read_text())
+    plan["faults"] = [f for f in plan["faults"] if f["kind"] != "planted_bug"]
+    fixed_path = tmp_path / "fixed.toml"
+    fixed_path.write_text(scenario_to_toml(plan))
     fixed = subprocess.run(
-        [sys.executable, "-m", "harness", "run", str(saved[0]), "--report-dir",
-         str(tmp_path / "fixed")], capture_output=True, text=True, timeout=300, cwd=REPO,
-        env=cli_env(),
+        [*HARNESS, "run", str(fixed_path), "--report-dir", str(tmp_path / "fixed")],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env=cli_env(),
     )
     assert fixed.returncode == 0, fixed.stdout

@@ -12,15 +12,15 @@ import sys
 
 import numpy as np
 
-from system.mpi_transport import MpiChannel, MpiHub, drain, import_mpi
-from system.protocol import (
+from pipetrain.wire.frames import (
     HEADER_SIZE,
     Kind,
     ProtocolError,
     encode_frame,
     encode_header,
 )
-from system.transport import ChannelClosed, ChannelTimeout
+from pipetrain.wire.mpi import MpiChannel, MpiHub, drain, import_mpi
+from pipetrain.wire.pipe import ChannelClosed, ChannelTimeout
 
 MPI = import_mpi()
 comm = MPI.COMM_WORLD.Dup()

@@ -53,7 +53,7 @@ def mpi_env(shm_dir: Path | None = None, **extra: str) -> dict[str, str]:
 
 
 def command(ranks: int, *args: str) -> list[str]:
-    return [MPIRUN, "-n", str(ranks), sys.executable, "-m", "system.cli", *args]
+    return [MPIRUN, "-n", str(ranks), sys.executable, "-m", "pipetrain.cli", *args]
 
 
 def run_mpi(ranks: int, *args: str, env: dict[str, str], timeout: float = 180,

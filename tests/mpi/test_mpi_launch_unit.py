@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-from system.config import ConfigError, build_config
-from system.mpi_launch import (
+from pipetrain.config import ConfigError, build_config
+from pipetrain.runtime.mpi_launcher import (
     MpiRank,
     MpiRequests,
     check_world,

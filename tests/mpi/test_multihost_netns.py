@@ -105,7 +105,7 @@ def test_two_hosts_over_tcp_are_bitwise_equal_to_reference(tmp_path, two_hosts, 
         # A remote host does not inherit this environment: pass what the ranks need, as the
         # README says to.
         "-x", f"PYTHONPATH={REPO}", "-x", "OPENBLAS_NUM_THREADS=1",
-        sys.executable, "-m", "system.cli", "train", "--transport", "mpi",
+        sys.executable, "-m", "pipetrain.cli", "train", "--transport", "mpi",
         "--run-dir", str(run_dir), *options,
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env,

@@ -8,6 +8,7 @@ import signal
 
 import pytest
 
+from pipetrain_harness.plan import Plan
 from tests.helpers import (
     assert_bitwise_equal,
     assert_no_survivors,
@@ -72,7 +73,7 @@ def test_killed_replica_mid_run_restarts_the_group_bitwise(tmp_path, victim):
     run_dir = tmp_path / "train"
     at_step = random.Random(victim).randint(3, 40)
     proc = start_cli("train", "--run-dir", str(run_dir), *args,
-                     env=cli_env(PIPETRAIN_TEST_STEP_DELAY_S="0.005"))
+                     env=cli_env(Plan(step_delay_s=0.005)))
     try:
         wait_for(lambda: any(e["event"] == "step" and e["step"] >= at_step
                              for e in read_events(run_dir)),

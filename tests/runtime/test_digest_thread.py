@@ -7,15 +7,15 @@ import threading
 import numpy as np
 import pytest
 
-from system.digest import array_digest
-from system.digester import Digester
-from system.nn import Dense, Segment
+from pipetrain.nn import Dense, Segment
+from pipetrain.nn.digest import array_digest
+from pipetrain.runtime.background import DigestThread, JobFailed
 
 
 def test_digests_match_and_keep_order_and_shares():
     reports: list[tuple[int, list]] = []
     arrays = [np.arange(n, dtype=np.float32) for n in (3, 1000, 0, 70_000)]
-    digester = Digester(lambda step, digests: reports.append((step, digests)))
+    digester = DigestThread(lambda step, digests: reports.append((step, digests)))
     try:
         digester.submit(7, arrays)
         digester.submit(8, [None, arrays[1], None, arrays[3]])
@@ -34,7 +34,7 @@ def test_wait_blocks_until_at_most_n_jobs_are_pending():
         release.wait()
         reported.append(step)
 
-    digester = Digester(report)
+    digester = DigestThread(report)
     waiter_done = threading.Event()
     try:
         digester.submit(1, [np.zeros(4)])
@@ -57,19 +57,20 @@ def test_a_failed_report_surfaces_in_the_main_thread():
     def report(step, digests):
         raise BrokenPipeError("coordinator gone")
 
-    digester = Digester(report)
+    digester = DigestThread(report)
     try:
         digester.submit(1, [np.zeros(4)])
-        with pytest.raises(BrokenPipeError, match="coordinator gone"):
+        with pytest.raises(JobFailed, match="coordinator gone") as failed:
             digester.wait()
-        with pytest.raises(BrokenPipeError):
+        assert isinstance(failed.value.__cause__, BrokenPipeError)  # the original, chained
+        with pytest.raises(JobFailed):
             digester.submit(2, [np.zeros(4)])
     finally:
         digester.close()
 
 
 def test_close_drops_jobs_not_started_and_joins():
-    digester = Digester(lambda step, digests: None)
+    digester = DigestThread(lambda step, digests: None)
     digester.close()
     assert not any(t.name == "digester" for t in threading.enumerate())
 

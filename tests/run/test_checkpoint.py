@@ -1,4 +1,4 @@
-"""system.checkpoint without processes: the round trip, any split, and every kind of damage."""
+"""pipetrain.run.checkpoint without processes: the round trip, any split, and every kind of damage."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from system import checkpoint
-from system.checkpoint import CheckpointError
+from pipetrain.run import checkpoint
+from pipetrain.run.checkpoint import CheckpointError
 
 CONFIG = {"lr": 0.05, "seed": 0, "layers": [4, 3, 2, 2], "dtype": "float64"}
 CONFIG_DIGEST = "d" * 64

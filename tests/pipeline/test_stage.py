@@ -1,15 +1,15 @@
-"""Stage.on_grads_final: each layer reported once a step, when its gradient is final."""
+"""Stage's on_grads_final: each layer reported once a step, when its gradient is final."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from system.config import build_config
-from system.data.loader import MicroBatch
-from system.schedule import Op
-from system.schedule import build as build_schedule
-from system.stage import Stage
+from pipetrain.config import build_config
+from pipetrain.data.loader import MicroBatch
+from pipetrain.pipeline.schedule import Op
+from pipetrain.pipeline.schedule import build as build_schedule
+from pipetrain.pipeline.stage import Stage
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zb"])
@@ -22,13 +22,18 @@ def test_each_layer_is_reported_once_per_step_after_its_last_weight_pass(schedul
         return MicroBatch(step, microbatch, np.arange(4), rng.random((4, 6)),
                           rng.integers(0, 3, 4))
 
-    stage = Stage(config=config, index=0, num_stages=1, first_layer=0, stop_layer=3,
-                  source=source)
     reports: list[tuple[list[str], dict[str, np.ndarray]]] = []
-    stage.on_grads_final = lambda names: reports.append(
-        (names, {n: stage.segment.grads()[n].copy() for n in names}))
+    steps: list[int] = []
+
+    def on_grads_final(step, grads):
+        steps.append(step)
+        reports.append((list(grads), {n: g.copy() for n, g in grads.items()}))
+
+    stage = Stage(model=config.model_spec(), index=0, num_stages=1, first_layer=0,
+                  stop_layer=3, source=source, on_grads_final=on_grads_final)
     for step in (1, 2):
         reports.clear()
+        steps.clear()
         stage.begin_step(step)
         for action in build_schedule(schedule, 1, 3)[0]:
             before = len(reports)
@@ -39,6 +44,7 @@ def test_each_layer_is_reported_once_per_step_after_its_last_weight_pass(schedul
         assert [names for names, _ in reports] == [
             ["layers.2.weight", "layers.2.bias"], ["layers.1.weight", "layers.1.bias"],
             ["layers.0.weight", "layers.0.bias"]]
+        assert steps == [step] * 3
         final = stage.segment.grads()
         for _, grads in reports:
             for name, value in grads.items():

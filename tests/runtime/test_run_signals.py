@@ -1,6 +1,6 @@
 """Unix signals sent to a real `pipetrain train` mid-run (the "Signals" contract of DESIGN.md).
 
-Each run is slowed down with PIPETRAIN_TEST_STEP_DELAY_S (every stage sleeps before each step)
+Each run is slowed down with the harness plan's step_delay_s (every stage sleeps before each step)
 so that a signal lands in the middle of training. Tests synchronise on what the run writes
 (events.jsonl, run.json), never on fixed sleeps, and always end the processes they start.
 Whatever a signal did, the final parameters must be bitwise equal to the single-process
@@ -21,7 +21,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from system import checkpoint
+from pipetrain.run import checkpoint
+from pipetrain_harness.plan import Plan
 from tests.helpers import (
     assert_bitwise_equal,
     assert_no_survivors,
@@ -128,7 +129,7 @@ class Training:
     def __init__(self, run_dir: Path, *args: str, step_delay_s: float = STEP_DELAY_S) -> None:
         self.run_dir = run_dir
         self.args = ("train", "--run-dir", str(run_dir), *OPTIONS, *args)
-        self.env = cli_env(PIPETRAIN_TEST_STEP_DELAY_S=str(step_delay_s))
+        self.env = cli_env(Plan(step_delay_s=step_delay_s))
         self.proc: subprocess.Popen | None = None
         self.stdout = self.stderr = ""
 
@@ -360,7 +361,7 @@ def test_kill_9_of_the_coordinator_takes_the_workers_and_resume_recovers(tmp_pat
         run.proc.wait(timeout=10)
     workers = state["worker_pids"]
     assert len(workers) == 3
-    wait_for(lambda: not any(is_running(pid, "system.worker") for pid in workers), 2.0,
+    wait_for(lambda: not any(is_running(pid, "pipetrain.runtime.worker") for pid in workers), 2.0,
              f"workers {workers} to die with their coordinator")
     newest = max(e["step"] for e in events_named(run_dir, "checkpoint"))
     assert newest >= 20

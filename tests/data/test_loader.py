@@ -1,4 +1,7 @@
-"""Unit tests for system.data.loader and system.data.augment, with real threads (no mocking)."""
+"""pipetrain.data.loader and pipetrain.data.augment, with real threads (no mocking).
+
+Loader threads are slowed (or failed) where the system lets a harness do it: the
+``loader_item`` hook, installed here for the length of a test."""
 
 from __future__ import annotations
 
@@ -9,10 +12,12 @@ import time
 import numpy as np
 import pytest
 
-from system.data.augment import augment_digits, augment_noise
-from system.data.loader import Loader, LoaderError, MicroBatch, OrderError
-from system.data.sampler import Batches, split_batch
-from system.workload import Workload
+from pipetrain import hooks
+from pipetrain.data.augment import augment_digits, augment_noise
+from pipetrain.data.datasets import Dataset
+from pipetrain.data.loader import Loader, LoaderError, MicroBatch, OrderError
+from pipetrain.data.sampler import Batches, split_batch
+from pipetrain.data.workload import Workload
 
 SEED = 7
 MICROBATCHES = 4
@@ -21,16 +26,38 @@ DEADLINE_S = 10.0
 
 def make_workload(epochs: int = 2) -> Workload:
     rng = np.random.default_rng(0)
+    x, y = rng.random((200, 64)), rng.integers(0, 10, 200)
     return Workload(
-        x=rng.random((200, 64)),
-        y=rng.integers(0, 10, 200),
+        dataset=Dataset("random", x, y),
+        x=x,
+        y=y,
         batches=Batches(train_indices=np.arange(160), batch_size=32, seed=1),
         eval_indices=np.arange(160, 200),
         epochs=epochs,
     )
 
 
-def make_loader(workload: Workload, **overrides) -> Loader:
+class ItemDelays(hooks.Hooks):
+    """Before each item, sleep what ``delay(step, micro-batch)`` says (or raise what it does)."""
+
+    def __init__(self, delay) -> None:
+        self.delay = delay
+
+    def loader_item(self, place, step: int, microbatch: int) -> None:
+        seconds = self.delay(step, microbatch)
+        if seconds:
+            time.sleep(seconds)
+
+
+@pytest.fixture(autouse=True)
+def restored_hooks():
+    with hooks.installed(hooks.current()):  # whatever a test installs is gone after it
+        yield
+
+
+def make_loader(workload: Workload, *, test_delay_s=None, **overrides) -> Loader:
+    if test_delay_s is not None:
+        hooks.install(ItemDelays(test_delay_s))
     options = dict(replica=0, replicas=1, microbatches=MICROBATCHES, need_x=True, need_y=True,
                    threads=2, prefetch=4, augment=None, seed=SEED, dtype=np.float64)
     options.update(overrides)

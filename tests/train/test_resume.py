@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from system import checkpoint
+from pipetrain.run import checkpoint
+from pipetrain_harness.plan import Plan
 from tests.helpers import (
     assert_bitwise_equal,
     cli_env,
@@ -202,7 +203,7 @@ def test_kill_9_while_checkpointing_every_step_leaves_a_loadable_one(tmp_path, r
     """A checkpoint at every step makes writing one the likeliest thing to be interrupted."""
     run_dir = tmp_path / "run"
     proc = start_cli("train", "--run-dir", str(run_dir), *OPTIONS, "--checkpoint-every", "1",
-                     env=cli_env(PIPETRAIN_TEST_STEP_DELAY_S="0.005"))
+                     env=cli_env(Plan(step_delay_s=0.005)))
     try:
         wait_for(lambda: any(e["step"] >= 15 for e in events_named(run_dir, "checkpoint")),
                  60, "a checkpoint at step >= 15", proc)

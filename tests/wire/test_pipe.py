@@ -10,15 +10,10 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 
-from system.protocol import HEADER_SIZE, Kind, ProtocolError, encode_frame
-from system.transport import (
-    PIPE_SIZE,
-    Channel,
-    ChannelClosed,
-    ChannelTimeout,
-    PipeChannel,
-    open_pipe,
-)
+from pipetrain.wire.frames import HEADER_SIZE, Kind, ProtocolError
+from tests.wire.whole_frames import encode_frame
+from pipetrain.wire.channel import Channel, ChannelClosed, ChannelTimeout
+from pipetrain.wire.pipe import PIPE_SIZE, PipeChannel, open_pipe
 
 
 @pytest.fixture
@@ -84,7 +79,6 @@ def in_thread(fn: Callable[[], None]) -> Callable[[], None]:
 def test_is_a_channel(channels: tuple[PipeChannel, PipeChannel]) -> None:
     tx, rx = channels
     assert isinstance(tx, Channel) and isinstance(rx, Channel)
-    assert rx.fileno() == rx.readable_fileno and tx.readable_fileno is None
     with pytest.raises(ValueError, match="no readable fd"):
         tx.fileno()
     with pytest.raises(ValueError, match="no fd to receive"):
@@ -234,21 +228,21 @@ def test_send_times_out_when_nobody_reads(channels: tuple[PipeChannel, PipeChann
     tx, _rx = channels
     big = np.zeros(4 * PIPE_SIZE, np.uint8)  # more than the pipe can hold
     with pytest.raises(ChannelTimeout, match="tx: timed out after 0.05s waiting to send "
-                                             "INPUTS frame step 1 micro-batch 0"):
-        tx.send_frame(Kind.INPUTS, 1, 0, big, timeout_s=0.05)
+                                             "PARAMETER frame step 1 micro-batch 0"):
+        tx.send_frame(Kind.PARAMETER, 1, 0, big, timeout_s=0.05)
     # Part of the frame is in the pipe; another send would interleave with it.
     with pytest.raises(ProtocolError, match="timed out mid-frame"):
-        tx.send_frame(Kind.INPUTS, 2, 0, np.zeros(1, np.uint8), timeout_s=0.05)
+        tx.send_frame(Kind.PARAMETER, 2, 0, np.zeros(1, np.uint8), timeout_s=0.05)
 
 
 def test_send_rejects_oversized_frame_before_writing() -> None:
     read_fd, write_fd = open_pipe()
     with PipeChannel(read_fd, write_fd, name="loop", max_frame_bytes=100) as loop:
         with pytest.raises(ProtocolError, match="frame of 101 bytes exceeds the maximum of 100"):
-            loop.send_frame(Kind.INPUTS, 0, 0, np.zeros(101, np.uint8))
+            loop.send_frame(Kind.PARAMETER, 0, 0, np.zeros(101, np.uint8))
         with pytest.raises(ChannelTimeout):  # nothing was written
             loop.recv_frame(timeout_s=0)
-        loop.send_frame(Kind.INPUTS, 0, 0, np.zeros(100, np.uint8))
+        loop.send_frame(Kind.PARAMETER, 0, 0, np.zeros(100, np.uint8))
         assert loop.recv_frame(timeout_s=5).array.nbytes == 100
 
 

@@ -1,4 +1,4 @@
-"""system.control with real signals sent to this process.
+"""pipetrain.runtime.signals with real signals sent to this process.
 
 Every test sends its signals in one burst and only then drains, so the order in which the
 requests are folded is the order the kernel delivered them, which is the point of the wake-up fd.
@@ -14,8 +14,9 @@ import time
 
 import pytest
 
-from system import control
-from system.control import HANDLED, SignalControl, signal_control
+from pipetrain.runtime import signals as control
+from pipetrain.runtime.signals import SignalControl, signal_control
+from pipetrain.threads import CONTROL_SIGNALS as HANDLED
 
 USR1, USR2, TSTP, CONT, TERM, INT = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTSTP,
                                      signal.SIGCONT, signal.SIGTERM, signal.SIGINT)
@@ -178,7 +179,8 @@ def test_a_custom_previous_handler_gets_signals_again_afterwards():
 
 NESTING_PROBE = """
 import os, select, signal, threading
-from system.control import HANDLED, signal_control
+from pipetrain.runtime.signals import signal_control
+from pipetrain.threads import CONTROL_SIGNALS as HANDLED
 
 pid = os.getpid()
 

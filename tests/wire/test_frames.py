@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from system.protocol import (
+from tests.wire.whole_frames import decode_frame, encode_frame
+from pipetrain.wire.frames import (
     CODE_DTYPES,
     DEFAULT_MAX_FRAME_BYTES,
     DTYPE_CODES,
@@ -26,12 +27,8 @@ from system.protocol import (
     Kind,
     ProtocolError,
     check_payload,
-    decode_frame,
     decode_header,
-    decode_json,
-    encode_frame,
     encode_header,
-    encode_json,
 )
 
 # No example database (keeps .hypothesis/ out of the tree); no deadline (first CRC call is slow).
@@ -117,7 +114,7 @@ def test_every_truncation_is_rejected(array: np.ndarray) -> None:
 
 
 def test_trailing_bytes_are_rejected() -> None:
-    frame = encode_frame(Kind.LABELS, 1, 2, np.arange(4, dtype=np.int64))
+    frame = encode_frame(Kind.PARAMETER, 1, 2, np.arange(4, dtype=np.int64))
     with pytest.raises(ProtocolError, match="trailing bytes"):
         decode_frame(frame + b"\0")
 
@@ -145,7 +142,7 @@ def test_max_frame_bytes_message() -> None:
     with pytest.raises(ProtocolError,
                        match="frame of 2147483648 bytes exceeds the maximum of 268435456"):
         decode_header(header, 256 * 2**20)
-    small = encode_header(Kind.INPUTS, 0, 0, np.zeros(100, np.uint8))
+    small = encode_header(Kind.PARAMETER, 0, 0, np.zeros(100, np.uint8))
     assert decode_header(small, 100).nbytes == 100
     with pytest.raises(ProtocolError, match="frame of 100 bytes exceeds the maximum of 99"):
         decode_header(small, 99)
@@ -207,52 +204,7 @@ def test_encode_rejects_what_the_wire_cannot_carry() -> None:
         encode_header(Kind.ACTIVATION, 0, 0, np.zeros((4, 4), np.float32)[:, ::2])
 
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-    lambda children: st.lists(children) | st.dictionaries(st.text(), children),
-    max_leaves=20,
-)
-
-
-@given(json_values)
-@settings(**QUICK)
-def test_json_round_trip(value: object) -> None:
-    array = encode_json(value)
-    assert array.dtype == np.uint8 and array.ndim == 1
-    assert decode_json(array) == value
-    frame = decode_frame(encode_frame(Kind.CONTROL, 0, 0, array))
-    assert decode_json(frame.array) == value
-
-
-def test_json_nan_loss_is_reportable() -> None:
-    assert math.isnan(decode_json(encode_json({"loss": float("nan")}))["loss"])
-
-
-@pytest.mark.parametrize(
-    ("raw", "message"),
-    [(b"\xff", "not valid UTF-8"), (b"\xc3\x28", "not valid UTF-8"), (b"{", "not valid JSON"),
-     (b"", "not valid JSON"), (b"[1,]", "not valid JSON"), (b"[" * 100_000, "not valid JSON")],
-)
-def test_json_rejects_bad_bytes(raw: bytes, message: str) -> None:
-    with pytest.raises(ProtocolError, match=message):
-        decode_json(np.frombuffer(raw, dtype=np.uint8))
-
-
-@given(st.binary(max_size=64))
-@settings(**QUICK)
-def test_json_decode_never_raises_anything_else(raw: bytes) -> None:
-    with contextlib.suppress(ProtocolError):
-        decode_json(np.frombuffer(raw, dtype=np.uint8))
-
-
-def test_json_rejects_wrong_array() -> None:
-    with pytest.raises(ProtocolError, match="1-d uint8"):
-        decode_json(np.zeros(3, np.float32))
-    with pytest.raises(ProtocolError, match="1-d uint8"):
-        decode_json(np.zeros((2, 2), np.uint8))
-
-
 def test_frame_is_immutable() -> None:
-    frame = Frame(Kind.CONTROL, 0, 0, encode_json({}))
+    frame = Frame(Kind.CONTROL, 0, 0, np.zeros(2, np.uint8))
     with pytest.raises(AttributeError):
         frame.step = 1  # type: ignore[misc]

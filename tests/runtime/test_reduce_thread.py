@@ -7,8 +7,8 @@ import threading
 import numpy as np
 import pytest
 
-from system.reducer import Reducer
-from tests.unit.chain_ranks import run_ranks
+from pipetrain.runtime.background import JobFailed, ReduceThread
+from tests.wire.chain_ranks import run_ranks
 
 
 @pytest.mark.parametrize("size", [2, 3])
@@ -22,12 +22,12 @@ def test_layers_submitted_one_by_one_sum_in_rank_order(size):
     expected = [sum_in_order([grads[r][i] for r in range(size)]) for i in range(len(shapes))]
 
     def rank_body(rank, links):
-        reducer = Reducer(rank, size, links)
+        reducer = ReduceThread(rank, size, links)
         try:
             for step in (1, 2):
                 arrays = [g.copy() for g in grads[rank]]
                 for layer in (2, 0):  # last layer first, weight and bias together
-                    reducer.submit(step, arrays[layer:layer + 2])
+                    reducer.submit(step, {f"p{i}": arrays[i] for i in (layer, layer + 1)})
                 reducer.wait()
                 for got, want in zip(arrays, expected, strict=True):
                     assert np.array_equal(got, want)
@@ -50,11 +50,12 @@ def test_a_failed_link_surfaces_in_wait_and_close_joins():
             raise BrokenPipeError("replica 1 is gone")
         return {"send_next": broken, "recv_next": None, "send_prev": None, "recv_prev": None}
 
-    reducer = Reducer(0, 2, links)
+    reducer = ReduceThread(0, 2, links)
     try:
-        reducer.submit(1, [np.ones(4, dtype=np.float32)])
-        with pytest.raises(BrokenPipeError, match="replica 1 is gone"):
+        reducer.submit(1, {"p": np.ones(4, dtype=np.float32)})
+        with pytest.raises(JobFailed, match="replica 1 is gone") as failed:
             reducer.wait()
+        assert isinstance(failed.value.__cause__, BrokenPipeError)
     finally:
         reducer.close()
     assert not any(t.name == "all-reduce" for t in threading.enumerate())
@@ -70,9 +71,9 @@ def test_wait_gives_up_when_interrupted():
         return {"send_next": lambda i, a: None, "recv_next": stuck, "send_prev": None,
                 "recv_prev": None}
 
-    reducer = Reducer(0, 2, links)
+    reducer = ReduceThread(0, 2, links)
     try:
-        reducer.submit(1, [np.ones(4, dtype=np.float32)])
+        reducer.submit(1, {"p": np.ones(4, dtype=np.float32)})
         with pytest.raises(InterruptedError):
             reducer.wait(interrupted=lambda: True)
     finally:

@@ -6,8 +6,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from system.protocol import Kind
-from system.transport import PipeChannel, open_pipe
+from pipetrain.wire.frames import Kind
+from pipetrain.wire.pipe import PipeChannel, open_pipe
 
 LinksFor = Callable[[int], dict[str, Any]]  # step -> send/receive callables
 

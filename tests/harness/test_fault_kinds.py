@@ -15,9 +15,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness.faults import FAULTS, FaultError, Launch, build_fault
-from harness.faults.base import Context, Target
-from harness.history import History
+from pipetrain_harness.faults import FAULTS, FaultError, Launch, build_fault
+from pipetrain_harness.faults.base import Context, Target
+from pipetrain_harness.history import History
+from pipetrain_harness.linkshim import faults_for
+from pipetrain_harness.plan import Plan
 from tests.helpers import wait_for
 
 MINIMAL = {
@@ -99,7 +101,8 @@ def test_expected_restarts():
     assert restarts("kill") == 1
     assert restarts("kill", signal="SIGTERM", target="stage:1") == 1
     assert restarts("kill", signal="SIGINT") == 0  # workers ignore Ctrl-C
-    assert restarts("kill", signal="SIGTSTP") is None  # depends on the heartbeat timeout
+    assert restarts("kill", signal="SIGTSTP") == 0  # workers leave Ctrl-Z to the coordinator
+    assert restarts("kill", signal="SIGSTOP") is None  # depends on the heartbeat timeout
     assert restarts("kill", target="coordinator", signal="SIGUSR1") is None
     assert restarts("freeze") is None
     assert [restarts(k) for k in ("delay", "throttle", "corrupt", "sever")] == [0, 0, 1, 1]
@@ -126,7 +129,7 @@ def test_link_faults_append_their_plans():
     build_fault({"kind": "throttle", "link": "1->2",
                  "bandwidth_bytes_per_s": 2048}).prepare(target)
     build_fault({"kind": "sever", "link": "1->0", "at_step": 7}).prepare(target)
-    assert json.loads(target.env["PIPETRAIN_LINK_FAULTS"]) == [
+    assert target.plan.link_faults == [
         {"kind": "delay", "link": "0->1", "replica": 0, "at_step": 4, "for_steps": 3,
          "latency_ms": 5, "jitter_ms": 2.5},
         {"kind": "corrupt", "link": "2->1", "replica": 1, "at_step": 1, "for_steps": 1,
@@ -137,20 +140,20 @@ def test_link_faults_append_their_plans():
     ]
 
 
-def test_the_link_plan_is_what_the_shim_reads(monkeypatch):
-    from system import linkfaults
-
+def test_the_link_plan_is_what_the_shim_reads():
     target = launch()
     build_fault({"kind": "delay", "link": "1->0", "replica": 1}).prepare(target)
-    monkeypatch.setenv(linkfaults.ENV, target.env[linkfaults.ENV])
-    assert [p["kind"] for p in linkfaults.plan_for(1, 0, 1, 0)] == ["delay"]
-    assert linkfaults.plan_for(1, 0, 0, 0) == [] and linkfaults.plan_for(0, 1, 1, 0) == []
+    plan = Plan.from_json(target.plan.to_json())  # what the run's processes read
+    assert [p["kind"] for p in faults_for(plan.link_faults, 1, 0, 1, 0)] == ["delay"]
+    assert faults_for(plan.link_faults, 1, 0, 0, 0) == []
+    assert faults_for(plan.link_faults, 0, 1, 1, 0) == []
+    assert faults_for(plan.link_faults, 1, 0, 1, 1) == []  # a restarted group runs clean
 
 
 def test_slow_loader_sets_the_loader_delay():
     target = launch()
     build_fault({"kind": "slow_loader", "delay_s": 0.05}).prepare(target)
-    assert float(target.env["PIPETRAIN_TEST_LOADER_DELAY_S"]) == 0.05
+    assert target.plan.loader_delay_s == 0.05
 
 
 def test_fd_pressure_limits_open_files():
@@ -169,22 +172,22 @@ def test_fd_pressure_refuses_a_limit_above_the_hard_limit():
 
 @pytest.mark.parametrize(("bug", "hook"), [("wrong_gradient", "perturb"),
                                            ("leak_fd", "leak_fd"), ("leak_child", "leak_child")])
-def test_planted_bug_sets_the_test_hook(bug, hook):
+def test_planted_bug_adds_a_stage_fault_to_the_plan(bug, hook):
     target = launch()
     build_fault({"kind": "planted_bug", "bug": bug}).prepare(target)
-    assert json.loads(target.env["PIPETRAIN_TEST_FAULT"]) == {"stage": 1, "step": 3,
-                                                              "kind": hook}
+    assert target.plan.stage_faults == [{"stage": 1, "step": 3, "kind": hook}]
     other = launch()
     build_fault({"kind": "planted_bug", "bug": bug, "stage": 0, "at_step": 9}).prepare(other)
-    assert json.loads(other.env["PIPETRAIN_TEST_FAULT"]) == {"stage": 0, "step": 9,
-                                                             "kind": hook}
+    assert other.plan.stage_faults == [{"stage": 0, "step": 9, "kind": hook}]
 
 
-def test_a_second_planted_bug_is_refused():
+def test_planted_bugs_add_up_and_stale_restart_is_a_plan_bug():
     target = launch()
     build_fault({"kind": "planted_bug", "bug": "leak_fd"}).prepare(target)
-    with pytest.raises(FaultError, match="one bug"):
-        build_fault({"kind": "planted_bug", "bug": "leak_child"}).prepare(target)
+    build_fault({"kind": "planted_bug", "bug": "leak_child", "stage": 0}).prepare(target)
+    build_fault({"kind": "planted_bug", "bug": "stale_restart"}).prepare(target)
+    assert [f["kind"] for f in target.plan.stage_faults] == ["leak_fd", "leak_child"]
+    assert target.plan.planted == ["stale_restart"]
 
 
 def test_in_system_faults_only_record_at_invoke(tmp_path):
@@ -215,7 +218,10 @@ def context(run_dir: Path, pid: int) -> Context:
 
 @pytest.fixture
 def child():
-    with subprocess.Popen([sys.executable, "-c", SLEEPER]) as process:
+    # A process group of its own, whose parent (this test) is in another group of the same
+    # session, is never orphaned: a default-action SIGTSTP stops it even when the suite runs
+    # under setsid, nohup or cron, where the kernel drops it for an orphaned group.
+    with subprocess.Popen([sys.executable, "-c", SLEEPER], process_group=0) as process:
         try:
             yield process
         finally:
@@ -355,7 +361,7 @@ def test_checkpoint_crash_kills_while_a_checkpoint_is_written(tmp_path, child):
     fault = build_fault({"kind": "checkpoint_crash"})
     target = launch()
     fault.prepare(target)
-    assert float(target.env["PIPETRAIN_TEST_CHECKPOINT_DELAY_S"]) == 0.2
+    assert target.plan.checkpoint_delay_s == 0.2
     fault.invoke(ctx)
     with pytest.raises(subprocess.TimeoutExpired):
         child.wait(0.2)  # nothing is being written yet

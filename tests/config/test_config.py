@@ -1,10 +1,10 @@
-"""Unit tests for system.config: keys, types, ranges, TOML files and the math digest."""
+"""Unit tests for pipetrain.config: keys, types, ranges, TOML files and the math digest."""
 
 from __future__ import annotations
 
 import pytest
 
-from system.config import ConfigError, TrainConfig, build_config, load_toml
+from pipetrain.config import ConfigError, TrainConfig, build_config, load_toml
 
 
 def refused(values: dict, *words: str) -> str:

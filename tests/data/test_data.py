@@ -1,4 +1,4 @@
-"""Unit tests for system.data: the built-in digits, CSV and NPZ validation, the held-out split,
+"""Unit tests for pipetrain.data: the built-in digits, CSV and NPZ validation, the held-out split,
 the sampler and normalisation."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from system.data import Batches, DataError, holdout_split, load_dataset, split_batch
-from system.data.datasets import normalize
+from pipetrain.data import Batches, DataError, holdout_split, load_dataset, split_batch
+from pipetrain.data.datasets import normalize
 
 # --------------------------------------------------------------------------------- digits
 

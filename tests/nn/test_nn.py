@@ -1,4 +1,4 @@
-"""Unit tests for system.nn and system.partition: gradients against finite differences,
+"""Unit tests for pipetrain.nn and pipetrain.pipeline.partition: gradients against finite differences,
 bitwise equality of segment chains, optimizer steps, initialisation and the stage partition."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import itertools
 import numpy as np
 import pytest
 
-from system.nn import (
+from pipetrain.nn import (
     OPTIMIZERS,
     Dense,
     Segment,
@@ -18,9 +18,9 @@ from system.nn import (
     parameter_names,
     softmax_cross_entropy,
 )
-from system.nn.layers import build_segment
-from system.nn.optim import ADAM_BETA1, ADAM_BETA2, ADAM_EPS, MOMENTUM
-from system.partition import layer_costs, partition
+from pipetrain.nn.layers import build_segment
+from pipetrain.nn.optim import ADAM_BETA1, ADAM_BETA2, ADAM_EPS, MOMENTUM
+from pipetrain.pipeline.partition import layer_costs, partition
 
 EPS = 1e-6  # central-difference step (float64)
 TOLERANCE = 1e-6  # relative error allowed between analytic and numeric gradients
@@ -57,7 +57,7 @@ def random_params(rng: np.random.Generator, sizes: list[int]) -> dict[str, np.nd
 
 
 def relu_inputs(params, x: np.ndarray, num_layers: int, relu_after_last: bool) -> list:
-    """Every ReLU input of the stack, computed independently of system.nn."""
+    """Every ReLU input of the stack, computed independently of pipetrain.nn."""
     out = []
     for i in range(num_layers):
         x = x @ params[f"layers.{i}.weight"] + params[f"layers.{i}.bias"]
@@ -281,7 +281,7 @@ def _params_and_grads(seed: int):
 
 
 def _expected(name: str, p0, gs, lr):
-    """The textbook updates, written independently of system.nn.optim."""
+    """The textbook updates, written independently of pipetrain.nn.optim."""
     p = p0.copy()
     v = np.zeros_like(p)
     m = np.zeros_like(p)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pipetrain_harness.plan import Plan
 from tests.helpers import (
     assert_bitwise_equal,
     assert_no_survivors,
@@ -37,7 +38,7 @@ def test_results_do_not_depend_on_loader_threads(tmp_path, references, augment, 
     run_dir = tmp_path / "train"
     run_cli("train", "--run-dir", str(run_dir), augment, "--loader-threads", str(threads),
             "--prefetch", "3", *BASE, check=True,
-            env=cli_env(PIPETRAIN_TEST_LOADER_DELAY_S=delay_s))
+            env=cli_env(Plan(loader_delay_s=float(delay_s))))
     assert_bitwise_equal(load_params(run_dir), load_params(references[augment]))
     assert_same_steps(run_dir, references[augment])
 
@@ -59,8 +60,8 @@ def test_step_events_report_data_and_neighbour_waits(tmp_path):
 def test_loader_exception_reaches_the_user(tmp_path):
     run_dir = tmp_path / "train"
     result = run_cli("train", "--run-dir", str(run_dir), *BASE, "--max-restarts", "0",
-                     env=cli_env(PIPETRAIN_TEST_FAULT='{"stage": 0, "step": 4, '
-                                                      '"kind": "loader_error"}'))
+                     env=cli_env(Plan(stage_faults=[{"stage": 0, "step": 4,
+                                                       "kind": "loader_error"}])))
     assert result.returncode == 1
     assert "stage 0" in result.stderr and "injected loader failure at step 4" in result.stderr
     assert "Traceback" not in result.stderr
@@ -72,7 +73,7 @@ def test_stop_mid_epoch_joins_every_thread(tmp_path):
     exiting (a worker with a thread left alive exits 4 and says so in its log)."""
     run_dir = tmp_path / "train"
     proc = start_cli("train", "--run-dir", str(run_dir), "--epochs", "3", "--quiet",
-                     env=cli_env(PIPETRAIN_TEST_STEP_DELAY_S="0.02"))
+                     env=cli_env(Plan(step_delay_s=0.02)))
     try:
         wait_for(lambda: any(e["event"] == "step" and e["step"] >= 5 for e in events(run_dir)),
                  timeout_s=60, what="step 5")

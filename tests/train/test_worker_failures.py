@@ -9,6 +9,7 @@ import signal
 import psutil
 import pytest
 
+from pipetrain_harness.plan import Plan
 from tests.helpers import (
     assert_bitwise_equal,
     assert_no_survivors,
@@ -22,7 +23,7 @@ from tests.helpers import (
 )
 
 BASE = ["--epochs", "2", "--checkpoint-every", "8", "--quiet"]
-SLOW = cli_env(PIPETRAIN_TEST_STEP_DELAY_S="0.01")
+SLOW = cli_env(Plan(step_delay_s=0.01))
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,7 @@ def test_hung_worker_main_thread_is_detected(tmp_path, reference):
     """A worker whose main thread hangs (its heartbeat thread still alive) goes silent."""
     run_dir = tmp_path / "train"
     result = run_cli("train", "--run-dir", str(run_dir), "--heartbeat-timeout", "2", *BASE,
-                     env=cli_env(PIPETRAIN_TEST_FAULT='{"stage": 2, "step": 12, "kind": "hang"}'))
+                     env=cli_env(Plan(stage_faults=[{"stage": 2, "step": 12, "kind": "hang"}])))
     assert result.returncode == 0, result.stderr
     restart = next(e for e in events(run_dir) if e["event"] == "restart")
     assert "stage 2" in restart["cause"] and "no heartbeat" in restart["cause"]
@@ -133,10 +134,10 @@ def test_hung_worker_main_thread_is_detected(tmp_path, reference):
 
 def test_restarts_exhausted_fail_clearly(tmp_path):
     run_dir = tmp_path / "train"
-    fault = '{"stage": 1, "step": 3, "kind": "raise", "generation": %d}'
+    fault = {"stage": 1, "step": 3, "kind": "raise", "generation": 0}
     # The fault fires in generation 0; with --max-restarts 0 there is no second chance.
     result = run_cli("train", "--run-dir", str(run_dir), "--max-restarts", "0", *BASE,
-                     env=cli_env(PIPETRAIN_TEST_FAULT=fault % 0))
+                     env=cli_env(Plan(stage_faults=[fault])))
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "stage 1" in result.stderr and "injected fault" in result.stderr

@@ -1,4 +1,4 @@
-"""Unit tests for system.schedule: structure, ordering, memory, makespan and validation."""
+"""Unit tests for pipetrain.pipeline.schedule: structure, ordering, memory, makespan and validation."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from system.schedule import (
+from pipetrain.pipeline.schedule import (
     Action,
     Op,
     ScheduleError,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from system.allreduce import broadcast_from_first, chain_allreduce, chunk_bounds
-from tests.unit.chain_ranks import run_ranks
+from pipetrain.wire.allreduce import broadcast_from_first, chain_allreduce, chunk_bounds
+from tests.wire.chain_ranks import run_ranks
 
 
 @pytest.mark.parametrize("size", [2, 3, 4, 5])

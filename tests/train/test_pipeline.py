@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from pipetrain_harness.plan import Plan
 from tests.helpers import (
     assert_bitwise_equal,
     assert_no_survivors,
@@ -80,11 +81,11 @@ def test_every_optimizer_matches(tmp_path, reference_runs, optimizer):
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_exception_in_a_stage_fails_the_run_cleanly(tmp_path, stage):
     run_dir = tmp_path / "train"
-    fault = f'{{"stage": {stage}, "step": 3, "kind": "raise"}}'
+    fault = {"stage": stage, "step": 3, "kind": "raise"}
     started = time.monotonic()
     result = run_cli("train", "--run-dir", str(run_dir), *SMALL, "--max-restarts", "0",
                      timeout=60,
-                     env=cli_env(PIPETRAIN_TEST_FAULT=fault))
+                     env=cli_env(Plan(stage_faults=[fault])))
     elapsed = time.monotonic() - started
     assert result.returncode == 1, result.stderr
     assert f"stage {stage}" in result.stderr and "injected fault" in result.stderr
@@ -98,7 +99,7 @@ def test_worker_that_dies_silently_is_named(tmp_path):
     run_dir = tmp_path / "train"
     result = run_cli("train", "--run-dir", str(run_dir), *SMALL, "--max-restarts", "0",
                      timeout=60,
-                     env=cli_env(PIPETRAIN_TEST_FAULT='{"stage": 1, "step": 2, "kind": "exit"}'))
+                     env=cli_env(Plan(stage_faults=[{"stage": 1, "step": 2, "kind": "exit"}])))
     assert result.returncode == 1
     assert "stage 1" in result.stderr and "exit status 3" in result.stderr, result.stderr
     assert_no_survivors(run_dir)
