@@ -65,11 +65,11 @@ print('\n'.join(p['build-system']['requires'] + p['project']['dependencies'] \
 COPY . .
 RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
     && rm -rf build ./*.egg-info ./*.pem \
-    && python -m compileall -q system harness tests
+    && python -m compileall -q tests
 
 # Numeric, so that a runtime can tell it is not root (runAsNonRoot) without reading /etc/passwd.
 USER ${APP_UID}:${APP_UID}
 VOLUME ["/reports"]
 ENTRYPOINT ["tini", "--"]
 # The scenario suite, what `tox -e scenarios` runs, with the reports in /reports.
-CMD ["python", "-m", "pytest", "-n", "auto", "-p", "harness.pytest_plugin", "--report-dir", "/reports", "-q", "scenarios"]
+CMD ["python", "-m", "pytest", "-n", "auto", "-p", "pipetrain_harness.pytest_plugin", "--report-dir", "/reports", "-q", "scenarios"]

@@ -1,8 +1,9 @@
 """All-reduce throughput among R processes over pipes, against a raw pipe copy of the same bytes.
 
 Each replica is a real process (``multiprocessing`` fork) holding ``--mib`` MiB of float32
-gradients; the chain all-reduce of ``pipetrain.wire.allreduce`` runs over ``PipeChannel`` s. The figure is
-bytes of gradient reduced per second per replica (buffer size / wall time of one all-reduce).
+gradients; the chain all-reduce of ``pipetrain.wire.allreduce`` runs over ``PipeChannel`` s.
+The figure is bytes of gradient reduced per second per replica (buffer size / wall time of one
+all-reduce).
 The baseline moves the same bytes once through one raw ``os.pipe`` between two processes.
 
     python bench/allreduce.py --mib 12 --replicas 2 --repeats 5

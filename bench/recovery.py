@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipetrain_harness.plan import Plan
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -37,12 +39,14 @@ def steps_seen(events_path: Path) -> int:
 
 def measure(kills: int, seed: int = 0) -> list[float]:
     rng = random.Random(seed)
-    env = dict(os.environ, PYTHONPATH=str(REPO), PIPETRAIN_TEST_STEP_DELAY_S="0.01")
+    # Each step slowed by 0.01 s (the harness's hooks), so a kill lands mid-run.
+    env = dict(os.environ, **Plan(step_delay_s=0.01).env())
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pipetrain.cli", "train", "--run-dir", str(run_dir), "--epochs",
-             "200", "--checkpoint-every", "5", "--max-restarts", str(kills + 1), "--quiet"],
+            [sys.executable, "-P", "-m", "pipetrain_harness.entry", "train", "--run-dir",
+             str(run_dir), "--epochs", "200", "--checkpoint-every", "5", "--max-restarts",
+             str(kills + 1), "--quiet"],
             env=env, cwd=REPO)
         try:
             for kill in range(kills):

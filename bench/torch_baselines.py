@@ -8,7 +8,8 @@
 The model is pipetrain's: dense layers ``y = x @ W + b`` with ReLU between them and softmax
 cross-entropy at the end, float32, SGD; synthetic data (random inputs, labels 0..9). Every
 process runs ``torch.set_num_threads(threads)`` (and OMP_NUM_THREADS is set before torch loads).
-The pipeline is cut where pipetrain cuts it (balanced by parameter count, ``pipetrain.pipeline.partition``).
+The pipeline is cut where pipetrain cuts it (balanced by parameter count,
+``pipetrain.pipeline.partition``).
 Two-rank modes start one subprocess per rank with MASTER_ADDR=127.0.0.1 and a free MASTER_PORT.
 
 Prints one JSON line: the per-step wall times seen by rank 0 (after ``--warmup`` steps) and the

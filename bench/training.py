@@ -75,7 +75,6 @@ def make_dataset(directory: Path, workload: Workload, seed: int = 0) -> Path:
 
 def cli_env(blas_threads: int) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(blas_threads)
     return env
@@ -85,7 +84,7 @@ def pipetrain_args(config: RunConfig, workload: Workload, dataset: Path,
                    run_dir: Path) -> list[str]:
     batch = config.batch or workload.batch
     args = [
-        sys.executable, "-m", "pipetrain.cli", config.command, "--dataset", str(dataset),
+        sys.executable, "-P", "-m", "pipetrain", config.command, "--dataset", str(dataset),
         "--layers", workload.layers_arg, "--dtype", "float32", "--batch-size", str(batch),
         "--microbatches", str(config.microbatches), "--holdout", "0", "--optimizer", "sgd",
         "--epochs", str(config.epochs or workload.epochs), "--quiet", "--run-dir", str(run_dir),

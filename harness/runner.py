@@ -83,7 +83,7 @@ class ScenarioRun:
         self.scenario = scenario
         self.seed = scenario.seed if seed is None else seed
         self.rng = random.Random(self.seed)  # noqa: S311 - fault choices, not security
-        self.report_dir = Path(report_dir)
+        self.report_dir = Path(report_dir).resolve()  # the run starts in its own directory
         self.work_dir = self.report_dir / scenario.name
         self.run_dir = self.work_dir / "run"
         self.cache_dir = Path(cache_dir) if cache_dir else self.report_dir / ".references"

@@ -13,7 +13,7 @@
 #      and checks the image runs as a non-root user under tini;
 #   5. runs the scenario suite (the image's default command) with ./reports-docker mounted on
 #      /reports and checks a report.json came out for every scenario; then one scenario the way
-#      the README reproduces a failure (python -m harness run ...), as an arbitrary --user;
+#      the README reproduces a failure (python -m pipetrain_harness run ...), as an arbitrary --user;
 #   6. starts a long training run in a container, waits for steps in its events.jsonl, times
 #      `docker stop` (must be under 1 s) and checks the checkpoint and the "stopped" state.
 #
@@ -330,7 +330,7 @@ if [ "${SCENARIOS[*]}" = scenarios ]; then
     -v "$REPORTS:/reports" "$IMAGE"
 else  # the default command with other paths
   interruptible "$DOCKER" run --rm --name "pipetrain-scenarios-$$" --network none \
-    -v "$REPORTS:/reports" "$IMAGE" python -m pytest -n auto -p harness.pytest_plugin --report-dir /reports -q "${SCENARIOS[@]}"
+    -v "$REPORTS:/reports" "$IMAGE" python -m pytest -n auto -p pipetrain_harness.pytest_plugin --report-dir /reports -q "${SCENARIOS[@]}"
 fi
 suite_status=$?
 set -e
@@ -352,8 +352,8 @@ echo "report.json files: $found of $expected scenarios"
 say "one scenario, as the README reproduces a failure (and as another uid: --user 12345)"
 install -d -o 12345 -g 12345 "$REPORTS/reproduce"
 "$DOCKER" run --rm --network none --user 12345:12345 -v "$REPORTS/reproduce:/reports" "$IMAGE" \
-  python -m harness run scenarios/baseline.toml --report-dir /reports | tail -n 3 \
-  || fail "python -m harness run scenarios/baseline.toml failed in the container"
+  python -m pipetrain_harness run scenarios/baseline.toml --report-dir /reports | tail -n 3 \
+  || fail "python -m pipetrain_harness run scenarios/baseline.toml failed in the container"
 [ -f "$REPORTS/reproduce/baseline/report.json" ] || fail "no report from the reproduced scenario"
 lap "one scenario, reproduced"
 

@@ -5,7 +5,7 @@ that does nothing; the system calls them where they are, and an implementation (
 :class:`Hooks`) overrides the ones it needs. Nothing is installed by default, so the system's
 behaviour and cost are those of a few no-op calls per step. The scenario harness
 (``pipetrain_harness.hooks``) installs its implementation once, first thing in each process it
-starts; it is the only way faults, planted bugs and test delays enter the product. The system
+starts; it is the only way faults, deliberate bugs and test delays enter the product. The system
 never imports an implementation and never reads a variable that would switch one on.
 
 Points are placed so that "where a fault lands" can be named exactly and reached again in a

@@ -35,7 +35,7 @@ from pipetrain.status import ExitCode
 from pipetrain.wire.channel import Channel, ChannelClosed, ChannelTimeout
 from pipetrain.wire.frames import Frame, Kind, ProtocolError
 from pipetrain.wire.mpi_channel import MpiChannel
-from pipetrain.wire.mpi_hub import MpiHub, drain
+from pipetrain.wire.mpi_hub import MpiHub
 
 # One tag per kind of link. Between two ranks there is at most one link of each kind (a pipeline
 # neighbour is never a replica neighbour), so (peer, tag) names a channel.
@@ -143,7 +143,7 @@ class MpiWorld:
 
     def close(self) -> None:
         """Every rank, whatever happened before: close the channels, stop the hub, and end the
-        communication together (:func:`pipetrain.wire.mpi_hub.drain`)."""
+        communication together (:func:`drain`)."""
         for channel in self.controls.values():
             channel.close()
         self.controls.clear()
@@ -162,6 +162,34 @@ class MpiWorld:
         sys.stdout.flush()
         sys.stderr.flush()
         self.MPI.COMM_WORLD.Abort(status)
+
+
+def drain(comm: Any, MPI: Any, pending: list[Any], timeout_s: float) -> int:  # noqa: N803
+    """The collective end of every rank's communication, before MPI_Finalize.
+
+    A send whose receiver stopped receiving never completes (a failed stage closes its
+    channels while its neighbour's activations are on their way). So every rank completes its
+    own sends while receiving and discarding whatever still arrives (every channel is closed by
+    now, so it is stale), then enters a non-blocking barrier and keeps discarding until the
+    barrier completes: a rank enters it only once its sends are done, so when it completes
+    nobody has a send left, and nobody left early. Returns how many of this rank's sends did
+    not complete within ``timeout_s`` (a peer that never got here: the job is being aborted).
+    """
+    deadline = time.monotonic() + timeout_s
+    status = MPI.Status()
+    barrier = None
+    while time.monotonic() < deadline:
+        pending = [request for request in pending if not request.Test()]
+        if not pending and barrier is None:
+            barrier = comm.Ibarrier()
+        message = comm.Improbe(MPI.ANY_SOURCE, MPI.ANY_TAG, status)
+        if message is not None:
+            message.Recv([bytearray(status.Get_count(MPI.BYTE)), MPI.BYTE])
+            continue
+        if barrier is not None and barrier.Test():
+            return 0
+        time.sleep(0.0005)
+    return len(pending)
 
 
 def _decoded(frame: Frame) -> messages.Message | None:

@@ -365,7 +365,7 @@ class MpiHub:
 
     def close(self) -> list[Any]:
         """Cancel every receive and stop the thread; returns the send requests that have not
-        completed yet (see :func:`drain`)."""
+        completed yet (see ``pipetrain.runtime.mpi_launcher.drain``)."""
         for channel in list(self._inbound):
             self.remove(channel)
         self._stop.set()
@@ -380,31 +380,3 @@ class MpiHub:
             pending = [request for send in self._outbound for request in send.requests]
             self._outbound.clear()
         return pending
-
-
-def drain(comm: Any, MPI: Any, pending: list[Any], timeout_s: float) -> int:  # noqa: N803
-    """The collective end of every rank's communication, before MPI_Finalize.
-
-    A send whose receiver stopped receiving never completes (a failed stage closes its
-    channels while its neighbour's activations are on their way). So every rank completes its
-    own sends while receiving and discarding whatever still arrives (every channel is closed by
-    now, so it is stale), then enters a non-blocking barrier and keeps discarding until the
-    barrier completes: a rank enters it only once its sends are done, so when it completes
-    nobody has a send left, and nobody left early. Returns how many of this rank's sends did
-    not complete within ``timeout_s`` (a peer that never got here: the job is being aborted).
-    """
-    deadline = time.monotonic() + timeout_s
-    status = MPI.Status()
-    barrier = None
-    while time.monotonic() < deadline:
-        pending = [request for request in pending if not request.Test()]
-        if not pending and barrier is None:
-            barrier = comm.Ibarrier()
-        message = comm.Improbe(MPI.ANY_SOURCE, MPI.ANY_TAG, status)
-        if message is not None:
-            message.Recv([bytearray(status.Get_count(MPI.BYTE)), MPI.BYTE])
-            continue
-        if barrier is not None and barrier.Test():
-            return 0
-        time.sleep(0.0005)
-    return len(pending)

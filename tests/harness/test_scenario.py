@@ -1,4 +1,4 @@
-"""pipetrain_harness.scenario: loading, validation (file and key named in one line), the TOML writer."""
+"""pipetrain_harness.scenario: loading, validation (file and key in one line), the TOML writer."""
 
 from __future__ import annotations
 

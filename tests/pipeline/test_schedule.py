@@ -1,4 +1,4 @@
-"""Unit tests for pipetrain.pipeline.schedule: structure, ordering, memory, makespan and validation."""
+"""pipetrain.pipeline.schedule: structure, ordering, memory, makespan and validation."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""pipetrain.run.checkpoint without processes: the round trip, any split, and every kind of damage."""
+"""pipetrain.run.checkpoint without processes: the round trip, any split, every kind of damage."""
 
 from __future__ import annotations
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import math
 import tracemalloc
 
 import crc32c
@@ -13,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from tests.wire.whole_frames import decode_frame, encode_frame
 from pipetrain.wire.frames import (
     CODE_DTYPES,
     DEFAULT_MAX_FRAME_BYTES,
@@ -30,6 +27,7 @@ from pipetrain.wire.frames import (
     decode_header,
     encode_header,
 )
+from tests.wire.whole_frames import decode_frame, encode_frame
 
 # No example database (keeps .hypothesis/ out of the tree); no deadline (first CRC call is slow).
 # Passed per test: loading a profile here would change hypothesis settings for other modules.

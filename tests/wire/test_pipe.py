@@ -10,10 +10,10 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 
-from pipetrain.wire.frames import HEADER_SIZE, Kind, ProtocolError
-from tests.wire.whole_frames import encode_frame
 from pipetrain.wire.channel import Channel, ChannelClosed, ChannelTimeout
+from pipetrain.wire.frames import HEADER_SIZE, Kind, ProtocolError
 from pipetrain.wire.pipe import PIPE_SIZE, PipeChannel, open_pipe
+from tests.wire.whole_frames import encode_frame
 
 
 @pytest.fixture
