@@ -15,7 +15,7 @@ in time slices (latency, and the lost ordering above).
 A burst of the same signal collapses into one request. Installation is a context manager that
 restores the previous handlers and wake-up fd.
 
-One more trap, found by the signal-storm scenario: Python installs its C-level handler with an
+One more trap, which a signal storm shows: Python installs its C-level handler with an
 empty ``sa_mask``, so a SIGCONT arriving while the SIGTSTP handler runs *nests* inside it and
 writes its byte first: the pipe then says "CONT, TSTP" for a TSTP followed by a CONT, and a run
 storm-ended with SIGCONT stays paused. So after installing the handlers we re-install the same C
