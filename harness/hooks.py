@@ -56,7 +56,7 @@ class HarnessHooks(hooks.Hooks):
     def before_step(self, place: hooks.Place, step: int) -> None:
         if self.plan.step_delay_s > 0:
             time.sleep(self.plan.step_delay_s)
-        where = f"{place} step {step}"
+        where = f"stage {place.stage} step {step}"
         for fault in self._stage_faults(place, step, ("raise", "exit", "hang", "leak_fd",
                                                       "leak_child")):
             match fault["kind"]:

@@ -27,7 +27,7 @@ def test_a_stage_fault_fires_at_its_place_step_and_generation_only():
     harness.before_step(STAGE_1, 2)
     harness.before_step(hooks.Place(hooks.STAGE, 0, 0, 0), 3)
     harness.before_step(hooks.Place(hooks.STAGE, 1, 0, 1), 3)  # a restarted group runs clean
-    with pytest.raises(RuntimeError, match="injected fault at stage 1 replica 0"):
+    with pytest.raises(RuntimeError, match="injected fault at stage 1 step 3"):
         harness.before_step(STAGE_1, 3)
 
 

@@ -22,7 +22,6 @@ from pipetrain.wire.frames import (
 )
 from pipetrain.wire.mpi_channel import MpiChannel
 from pipetrain.wire.mpi_hub import MpiHub, import_mpi
-from tests.wire.whole_frames import encode_frame
 
 MPI = import_mpi()
 comm = MPI.COMM_WORLD.Dup()
@@ -69,7 +68,8 @@ def sender() -> None:
 
     struct.pack_into("<I", big, 64, crc32c.crc32c(bytes(big[:64])))
     channel(13).send_raw(bytes(big), None)
-    frame = encode_frame(Kind.ACTIVATION, 1, 0, np.arange(4.0))
+    payload = np.arange(4.0)
+    frame = encode_header(Kind.ACTIVATION, 1, 0, payload) + payload.tobytes()
     channel(14).send_raw(frame[:HEADER_SIZE], corrupt(frame[HEADER_SIZE:], 3))  # payload CRC
     channel(15).send_raw(frame[:HEADER_SIZE], frame[HEADER_SIZE:-8])  # payload 8 bytes short
     channel(16).send_raw(frame[:HEADER_SIZE] + b"xx", None)  # not a 68-byte header
