@@ -272,7 +272,8 @@ class Coordinator:
         by_worker[id(worker)] = value
 
     def _heartbeat_poll_ms(self, workers: list[WorkerHandle]) -> int:
-        oldest = min((worker.last_seen for worker in workers), default=time.monotonic())
+        oldest = min((worker.last_seen for worker in workers if worker.ready),
+                     default=time.monotonic())
         remaining = oldest + self.config.heartbeat_timeout - time.monotonic()
         return max(10, int(remaining * 1000) + 10)
 
@@ -281,7 +282,10 @@ class Coordinator:
         # When several are silent, the one silent longest is the likeliest cause.
         for worker in sorted(workers, key=lambda w: w.last_seen):
             silent_s = now - worker.last_seen
-            if silent_s <= self.config.heartbeat_timeout:
+            # A worker beats once it is set up: until then only a stall as long as a frame's
+            # (a Python start-up and a dataset load on a loaded machine can take seconds).
+            allowed_s = self.config.heartbeat_timeout if worker.ready else self.op_timeout_s
+            if silent_s <= allowed_s:
                 continue
             # Only a worker with nothing waiting in its pipe is silent: what arrived while
             # this loop was busy elsewhere is read first (the next poll returns it).
@@ -289,7 +293,8 @@ class Coordinator:
                 continue
             raise self._failure(
                 worker, f"no heartbeat for {silent_s:.1f}s (hung or frozen; "
-                f"--heartbeat-timeout is {self.config.heartbeat_timeout}s)")
+                f"--heartbeat-timeout is {self.config.heartbeat_timeout}s)" if worker.ready
+                else f"not ready after {silent_s:.1f}s")
 
     def check_signals(self) -> None:
         """Fold pending signals into requests; a second SIGINT aborts right away."""

@@ -94,7 +94,7 @@ class Region:
             found = bytes(self._map[_LAYOUT_AT:_LAYOUT_AT + length])
             if (magic, slots, slot_bytes_found, found) != (MAGIC, SLOTS, self.slot_bytes,
                                                            layout_text):
-                self.close()
+                self._map.close()  # the fd is the caller's to close
                 raise SnapshotError("snapshot region laid out for other arrays")
 
     @classmethod
