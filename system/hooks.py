@@ -22,6 +22,7 @@ point                     process        when
 ``worker_command``        coordinator    before spawning a worker: its command line
 ``at_boundary``           coordinator    at a step boundary, before signals are acted on
 ``checkpoint_phase``      both           after each phase of writing a checkpoint
+``recovery_phase``        both           at each phase of replacing a failed worker in place
 ``worker_ready``          worker         set-up done, about to report ready
 ``state_restored``        worker         parameters and optimizer state loaded (resume, restart)
 ``before_step``           worker         step N's command received, before any of its work
@@ -77,6 +78,13 @@ class Hooks:
         """A checkpoint of ``step`` reached ``phase``: ``segment_written`` (a stage wrote and
         fsynced its file), then on the coordinator ``segments_written``, ``manifest_written``
         and ``committed`` (renamed into place)."""
+
+    def recovery_phase(self, place: Place, step: int, phase: str) -> None:
+        """An in-place recovery to the end of ``step`` (``pipetrain.runtime.recovery``)
+        reached ``phase``: on the coordinator ``planned`` (the survivors halted, the step
+        chosen) and ``recovered`` (everyone restored or ready); on a worker, survivor or
+        replacement, ``state_transfer`` (its state is that of ``step``, its new links are
+        open, the replicas of its stage are about to take one replica's state)."""
 
     # -- a worker ----------------------------------------------------------------------------
 

@@ -78,7 +78,8 @@ class Courier:
 
 def courier_pair(name: str) -> tuple[Courier, int]:
     """(the coordinator's end, the fd of the worker's end: inheritable, to pass at spawn)."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    # SEQPACKET: one batch is one message, never glued to the next.
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     fd = theirs.detach()
     return Courier(ours, name=name), fd
 

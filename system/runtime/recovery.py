@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pipetrain import hooks
 from pipetrain.runtime import messages
 from pipetrain.runtime.courier import close_all
 from pipetrain.runtime.diagnosis import WorkerFailed
@@ -39,6 +40,9 @@ from pipetrain.runtime.topology import Grid, Position
 
 if TYPE_CHECKING:
     from pipetrain.runtime.coordinator import Coordinator
+
+
+COORDINATOR = hooks.Place(hooks.COORDINATOR)
 
 
 class RecoveryImpossible(RuntimeError):
@@ -115,7 +119,9 @@ class Recovery:
             self._halt_survivors()
             reports = {at: Report(m.step, tuple(m.snapshots)) for at, m in self.halted.items()}
             the_plan = plan(c.grid, set(self.failed), reports, self._region_steps(), emitted)
+            hooks.current().recovery_phase(COORDINATOR, the_plan.step, "planned")
             self._restore(the_plan)
+            hooks.current().recovery_phase(COORDINATOR, the_plan.step, "recovered")
         finally:
             close_all(self.fds)
         return Outcome(the_plan.step, list(self.failed.values()), the_plan.sources)

@@ -204,6 +204,7 @@ class Parts:
             self.region.forget_after(step)
         self.applied_step = step
         self.open_links(links, Grid(self.config.stages, self.config.replicas))
+        hooks.current().recovery_phase(self.place, step, "state_transfer")
         self.sync_state(state_root)
         hooks.current().state_restored(self.place, self.stage)
         self.start_loader(step + 1)
@@ -299,6 +300,8 @@ def build_parts(init: messages.Init, transport: Any, inbox: Inbox, report_digest
                 parts.snapshots = SnapshotThread(parts.region, lambda: state_arrays(stage))
                 undo.callback(parts.snapshots.close)
         parts.open_links(init.links, grid)
+        if init.state_source in ("peer", "snapshot"):  # a replacement, in place
+            hooks.current().recovery_phase(place, init.start_step, "state_transfer")
         parts.sync_state(init.state_root)
         if init.state_source != "init":
             hooks.current().state_restored(place, stage)
