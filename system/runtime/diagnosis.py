@@ -41,7 +41,7 @@ class StartupFailed(WorkerFailed):
 
 def failure(worker: WorkerHandle, reason: str, launcher: Launcher) -> WorkerFailed:
     code = worker.process.poll()
-    if code is None and "exited" in reason:
+    if code is None and ("exited" in reason or not worker.ready):  # its last words, logged
         try:
             code = worker.process.wait(timeout=1.0)
         except subprocess.TimeoutExpired:

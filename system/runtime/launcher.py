@@ -207,18 +207,19 @@ class PipeLauncher:
                             courier=courier)
 
     def keep_spare(self, log_dir: Path, generation: int) -> None:
-        """Start a spare worker (if none is waiting) to replace the next failed one."""
+        """Start a spare worker (if none is waiting) to replace the next failed one. Until it
+        is placed its output goes nowhere (it has said nothing yet); its ``Init`` sends it to
+        the log of the position it takes."""
         if self._spare is not None and self._spare[0].poll() is None:
             return
         if self._spare is not None:
             self._discard(self._spare)
             self._spare = None
-        log = log_dir / "spare.log"
         place = hooks.Place(hooks.STAGE, None, None, generation)
-        self._spare = (*self._start_process(place, log), log)
+        self._spare = (*self._start_process(place, None), log_dir)
 
     def _start_process(self, place: hooks.Place,
-                       log_path: Path) -> tuple[subprocess.Popen, PipeChannel, Courier]:
+                       log_path: Path | None) -> tuple[subprocess.Popen, PipeChannel, Courier]:
         to_child_r, to_child_w = open_pipe()
         from_child_r, from_child_w = open_pipe()
         courier, courier_fd = courier_pair(f"courier of {place}")
@@ -227,7 +228,7 @@ class PipeLauncher:
             sys.executable, "-P", "-m", WORKER_MODULE, str(to_child_r), str(from_child_w),
             str(courier_fd)])
         try:
-            with open_log(log_path) as log:
+            with open_log(log_path) if log_path else open(os.devnull, "wb") as log:
                 process = subprocess.Popen(
                     argv, pass_fds=(to_child_r, from_child_w, courier_fd),
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
