@@ -5,6 +5,7 @@ reported before the failure that had to be run again), with the recovery mode of
 
     python bench/recovery.py --kills 20                     # S = 3, R = 1 (the defaults)
     python bench/recovery.py --kills 20 --stages 2 --replicas 2
+    python bench/recovery.py --kills 20 --every 60,80       # a spare ready for every kill
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ def restarts(events_path: Path) -> list[dict]:
     return found
 
 
-def measure(kills: int, seed: int = 0, stages: int = 3, replicas: int = 1) -> list[dict]:
-    """The ``restart`` events of one run whose workers are killed ``kills`` times."""
+def measure(kills: int, seed: int = 0, stages: int = 3, replicas: int = 1,
+            every: tuple[int, int] = (5, 15)) -> list[dict]:
+    """The ``restart`` events of one run whose workers are killed ``kills`` times, each kill
+    ``every`` (a range of) steps after the last recovery."""
     rng = random.Random(seed)
     # Each step slowed by 0.01 s (the harness's hooks), so a kill lands mid-run.
     env = dict(os.environ, **Plan(step_delay_s=0.01).env())
@@ -64,7 +67,7 @@ def measure(kills: int, seed: int = 0, stages: int = 3, replicas: int = 1) -> li
             env=env, cwd=REPO)
         try:
             for kill in range(kills):
-                target_step = steps_seen(events) + rng.randint(5, 15)
+                target_step = steps_seen(events) + rng.randint(*every)
                 while steps_seen(events) < target_step:
                     time.sleep(0.01)
                 state = json.loads((run_dir / "run.json").read_text())
@@ -92,8 +95,11 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=3)
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--every", default="5,15", help="steps between kills: MIN,MAX (at "
+                        "0.01 s a step the default leaves the next spare no time to start)")
     args = parser.parse_args()
-    found = measure(args.kills, args.seed, args.stages, args.replicas)
+    low, high = (int(part) for part in args.every.split(","))
+    found = measure(args.kills, args.seed, args.stages, args.replicas, (low, high))
     print(json.dumps({k: v for k, v in summary(found).items()
                       if k not in ("samples_s", "steps_lost")}))
 
