@@ -103,6 +103,7 @@ class Coordinator:
         self.held_regions: dict[Position, int] = {}
         self._last_tick: float | None = None  # the loop last ran at this time
         self.data_digest: dict | None = None  # the dataset's content, for every manifest
+        self.departed: list[WorkerHandle] = []  # failed in a recovery, exit not reported yet
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -149,6 +150,11 @@ class Coordinator:
     def release_regions(self) -> None:
         close_all(list(self.held_regions.values()))
         self.held_regions.clear()
+
+    def take_departed(self) -> list[WorkerHandle]:
+        """The workers a recovery took out (exited), each reported once."""
+        departed, self.departed = self.departed, []
+        return departed
 
     def clear_results(self) -> None:
         """Forget step results: a new or recovered group reports afresh."""

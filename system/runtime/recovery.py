@@ -134,6 +134,7 @@ class Recovery:
         if worker.position in self.failed:
             return
         self.failed[worker.position] = worker
+        self.c.departed.append(worker)  # its worker_exit is reported, whatever happens next
         if worker.process.poll() is None:
             worker.process.kill()
         worker.process.wait()
@@ -201,17 +202,14 @@ class Recovery:
     def _restore(self, the_plan: Plan) -> None:
         c, grid = self.c, self.c.grid
         generation = c.generation
-        workers: list[WorkerHandle] = []
         replacements: list[WorkerHandle] = []
-        for worker in c.workers:
+        for index, worker in enumerate(c.workers):  # in place: a failure leaves no orphan
             if worker.position in self.failed:
-                new = c.launcher.spawn(worker.position, worker.layers, worker.log_path,
-                                       generation, worker.replicated)
-                replacements.append(new)
-                workers.append(new)
-            else:
-                workers.append(worker)
-        c.workers = workers
+                c.workers[index] = c.launcher.spawn(worker.position, worker.layers,
+                                                    worker.log_path, generation,
+                                                    worker.replicated)
+                replacements.append(c.workers[index])
+        workers = c.workers
         extra: dict[Position, dict[str, int]] = {}
         for new in replacements:
             at = new.position

@@ -209,7 +209,7 @@ class TrainingRun:
                     OSError) as why:
                 fallback = str(why)
             else:
-                self.report_exits(outcome.replaced)
+                self.report_exits(self.coordinator.take_departed())
                 self.record_workers()
                 roles = ", ".join(worker.role for worker in outcome.replaced)
                 self.progress.message(f"{exc}; replaced {roles}, continuing after step "
@@ -220,7 +220,9 @@ class TrainingRun:
                     "mode": "in_place", "replaced": [w.role for w in outcome.replaced],
                     "state_from": sorted(set(outcome.sources.values()))}
                 return outcome.step, False, None
-        self.report_exits(self.coordinator.shutdown(graceful=False))
+        departed = self.coordinator.take_departed()
+        self.report_exits(departed + [worker for worker in self.coordinator.shutdown(
+            graceful=False) if all(worker is not gone for gone in departed)])
         manifest, refused = checkpoint.find_intact(self.run.checkpoints)
         for reason in refused:
             print(f"pipetrain: refusing checkpoint: {reason}", file=sys.stderr)

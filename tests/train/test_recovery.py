@@ -126,7 +126,7 @@ def last_step_before(run_dir, event) -> int:
 
 def test_a_frozen_coordinator_blames_nobody(tmp_path, references):
     """SIGSTOP for three heartbeat timeouts: on waking it finds every worker alive."""
-    options = ("--epochs", "3", "--heartbeat-timeout", "1")
+    options = ("--epochs", "3", "--heartbeat-timeout", "2")
     run_dir = tmp_path / "train"
     proc = start_cli("train", "--run-dir", str(run_dir), "--quiet", *options, env=SLOW)
     try:
@@ -135,7 +135,7 @@ def test_a_frozen_coordinator_blames_nobody(tmp_path, references):
         frozen_at = time.monotonic()
         try:
             # Time passes for everyone but the coordinator; its workers keep beating.
-            while time.monotonic() - frozen_at < 3.0:
+            while time.monotonic() - frozen_at < 6.0:
                 time.sleep(0.05)
         finally:
             os.kill(proc.pid, signal.SIGCONT)
@@ -147,12 +147,15 @@ def test_a_frozen_coordinator_blames_nobody(tmp_path, references):
 
 
 def test_a_second_coordinator_is_refused_and_the_first_ends_bitwise(tmp_path, references):
-    options = ("--epochs", "3")
+    options = ("--epochs", "10")
     run_dir = tmp_path / "train"
-    proc = start_cli("train", "--run-dir", str(run_dir), "--quiet", *options, env=SLOW)
+    # 220 steps of at least 0.02 s: still running while both attempts are refused.
+    proc = start_cli("train", "--run-dir", str(run_dir), "--quiet", *options,
+                     env=cli_env(Plan(step_delay_s=0.02)))
     try:
         wait_for(lambda: last_step(run_dir) >= 5, timeout_s=120, what="step 5")
         for again in (["--resume"], []):
+            assert proc.poll() is None, "the first run ended too soon for this test"
             started = time.monotonic()
             second = run_cli("train", "--run-dir", str(run_dir), "--quiet", *again, *options)
             assert second.returncode == 2, second
