@@ -23,11 +23,10 @@ death (end-of-file on its control pipe) or error is seen at once and becomes a
 ``pipetrain.runtime.diagnosis``'s; replacing one worker while the others run on is
 ``pipetrain.runtime.recovery``'s.
 
-Silence is judged with care, since a false alarm costs a recovery: only a worker with nothing
-waiting in its pipe can be silent (what arrived is read first), and only time the coordinator
-spent watching counts. When a ``poll`` returns much later than it was asked to, or the loop
-comes back after a long absence, the coordinator itself was not running (SIGSTOP, a VM pause,
-a swap storm): every worker's clock is moved on by that gap instead of blaming one.
+Silence is judged with care: only a worker with nothing waiting in its pipe can be silent, and
+only time the coordinator spent watching counts. A ``poll`` that returns much later than asked,
+or a long absence from the loop, means the coordinator was not running (SIGSTOP, a VM pause):
+every worker's clock moves on by that gap instead of one being blamed.
 """
 
 from __future__ import annotations
