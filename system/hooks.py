@@ -48,7 +48,10 @@ STAGE = "stage"
 @dataclass(frozen=True)
 class Place:
     """Which process calls a hook: the coordinator, or stage ``stage`` of replica ``replica``
-    in worker group ``generation`` (0 for the first group, counting up with every restart)."""
+    in ``generation`` (0 for the first group, counting up with every recovery, in place or of
+    the whole group: the survivors of an in-place recovery move to the new generation too).
+    A spare worker, started before it knows its position, has ``stage`` and ``replica`` None
+    (``worker_command`` only)."""
 
     role: str
     stage: int | None = None
