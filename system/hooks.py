@@ -29,6 +29,7 @@ point                     process        when
 ``before_action``         worker         before each schedule action of a step
 ``before_reduce``         worker         on the all-reduce thread, before a layer's reduction
 ``after_update``          worker         the step's optimizer update applied
+``snapshot_copy``         worker         on the snapshot thread, before a step's state is copied
 ``wrap_channel``          worker         a link to a neighbour opened: may wrap the channel
 ``loader_item``           worker         in a loader thread, before preparing a micro-batch
 ========================  =============  ====================================================
@@ -112,6 +113,11 @@ class Hooks:
     def after_update(self, place: Place, step: int, stage: Any) -> None:
         """The optimizer update of step ``step`` has been applied to ``stage``'s parameters
         (the step's gradient digests are already taken)."""
+
+    def snapshot_copy(self, place: Place, step: int) -> None:
+        """On the snapshot thread: the state of step ``step`` is about to be copied into the
+        worker's in-memory snapshot region (``pipetrain.runtime.snapshot``); the main thread
+        goes on meanwhile, up to the next update."""
 
     def wrap_channel(self, place: Place, peer: Place, channel: Any) -> Any:
         """The link from ``place`` to its neighbour ``peer`` is open; returns the channel to

@@ -101,6 +101,7 @@ class Outcome:
     step: int
     replaced: list[WorkerHandle]  # the failed workers' handles (exited)
     sources: dict[Position, str]
+    survivor_steps: list[int]  # where the survivors were (before rolling back to ``step``)
 
 
 class Recovery:
@@ -124,7 +125,8 @@ class Recovery:
             hooks.current().recovery_phase(COORDINATOR, the_plan.step, "recovered")
         finally:
             close_all(self.fds)
-        return Outcome(the_plan.step, list(self.failed.values()), the_plan.sources)
+        return Outcome(the_plan.step, list(self.failed.values()), the_plan.sources,
+                       sorted(report.step for report in reports.values()))
 
     # -- halting -----------------------------------------------------------------------------
 

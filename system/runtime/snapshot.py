@@ -208,13 +208,16 @@ StateArrays = Callable[[], dict[str, np.ndarray]]
 class SnapshotThread(JobThread):
     """Copies the worker's state into its region after each update, off the critical path."""
 
-    def __init__(self, region: Region, state: StateArrays) -> None:
+    def __init__(self, region: Region, state: StateArrays,
+                 before_copy: Callable[[int], None] = lambda step: None) -> None:
         self.region = region
         self._state = state
+        self._before_copy = before_copy
         super().__init__("snapshot")
 
     def submit(self, step: int) -> None:
         self.enqueue(step)
 
     def run_job(self, step: int) -> None:
+        self._before_copy(step)
         self.region.write(step, self._state())

@@ -297,7 +297,9 @@ def build_parts(init: messages.Init, transport: Any, inbox: Inbox, report_digest
                 parts.region = _new_region(place, arrays)
             if parts.region is not None:
                 undo.callback(parts.region.close)
-                parts.snapshots = SnapshotThread(parts.region, lambda: state_arrays(stage))
+                parts.snapshots = SnapshotThread(
+                    parts.region, lambda: state_arrays(stage),
+                    before_copy=lambda step: hooks.current().snapshot_copy(parts.place, step))
                 undo.callback(parts.snapshots.close)
         parts.open_links(init.links, grid)
         if init.state_source in ("peer", "snapshot"):  # a replacement, in place

@@ -218,7 +218,8 @@ class TrainingRun:
                 self.pending_restart = {
                     **pending, "from_step": outcome.step, "steps_lost": lost_from - outcome.step,
                     "mode": "in_place", "replaced": [w.role for w in outcome.replaced],
-                    "state_from": sorted(set(outcome.sources.values()))}
+                    "state_from": sorted(set(outcome.sources.values())),
+                    "survivor_steps": outcome.survivor_steps}
                 return outcome.step, False, None
         departed = self.coordinator.take_departed()
         self.report_exits(departed + [worker for worker in self.coordinator.shutdown(

@@ -170,3 +170,50 @@ def test_a_second_coordinator_is_refused_and_the_first_ends_bitwise(tmp_path, re
     steps = [e["step"] for e in events(run_dir) if e["event"] == "step"]
     assert steps == sorted(set(steps)), "a step was run twice"
     assert_bitwise_equal(load_params(run_dir), references(*options))
+
+
+# Hooks (in the coordinator and, through worker_command, in every worker) under which stage 1
+# dies while its snapshot of step 30 is still to be copied, after step 30 was reported: the
+# neighbours may even have finished step 31.
+LAGGING_SNAPSHOT = """
+import os, signal, sys, time
+from pipetrain import cli, hooks
+from pipetrain.runtime import worker
+
+class LaggingSnapshot(hooks.Hooks):
+    def worker_command(self, place, argv):
+        return [argv[0], "-P", __file__, "worker", *argv[argv.index("-m") + 2:]]
+
+    def snapshot_copy(self, place, step):
+        if (place.stage, place.generation, step) == (1, 0, 30):
+            time.sleep(2.0)  # the main thread reports step 30 and runs step 31 meanwhile
+            os.kill(os.getpid(), signal.SIGKILL)
+
+hooks.install(LaggingSnapshot())
+if sys.argv[1] == "worker":
+    sys.exit(worker.main(sys.argv[2:]))
+cli.main(sys.argv[1:])
+"""
+
+
+def test_a_snapshot_one_step_behind_costs_one_step_and_survivors_roll_back_two(tmp_path,
+                                                                                references):
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    options = ("--epochs", "2")
+    driver = tmp_path / "driver.py"
+    driver.write_text(LAGGING_SNAPSHOT)
+    run_dir = tmp_path / "train"
+    result = subprocess.run([sys.executable, "-P", str(driver), "train", "--run-dir",
+                             str(run_dir), "--quiet", *options], capture_output=True, text=True,
+                            timeout=180, cwd=REPO, env=cli_env())
+    assert result.returncode == 0, result.stderr
+    [restart] = [e for e in events(run_dir) if e["event"] == "restart"]
+    assert restart["mode"] == "in_place" and restart["state_from"] == ["snapshot"], restart
+    assert restart["from_step"] == 29 and restart["steps_lost"] == 1, restart
+    # The neighbours had finished step 31 and rolled back two steps from their own snapshots.
+    assert restart["survivor_steps"] == [31, 31], restart
+    assert_bitwise_equal(load_params(run_dir), references(*options))
