@@ -159,5 +159,9 @@ def test_the_package_list_is_every_package_on_disk():
     listed = set(project["packages"])
     on_disk = {name for name, path in {**SYSTEM_MODULES, **modules(HARNESS, "pipetrain_harness")}
                .items() if path.name == "__init__.py"}
-    assert listed == on_disk
-    assert project["package-dir"] == {"pipetrain": "system", "pipetrain_harness": "harness"}
+    # The data-only package: the scenario files, shipped inside the harness.
+    data = {"pipetrain_harness.scenarios": "scenarios"}
+    assert listed == on_disk | set(data)
+    assert project["package-dir"] == {"pipetrain": "system", "pipetrain_harness": "harness",
+                                      **data}
+    assert project["package-data"]["pipetrain_harness.scenarios"] == ["*.toml"]

@@ -58,7 +58,7 @@ class Progress:
         self.batch_size = 1
         self.step = 0
         self.loss: float | None = None
-        self.started = time.time()
+        self.started = time.time()  # this launch's start: elapsed and wall time count from it
         self.mean_loss: dict[int, float] = {}
         self.evaluations: list[Event] = []
         self.last_step_seen = 0
@@ -133,7 +133,6 @@ class Progress:
         self.total = int(event.get("total_steps", 0))
         self.epochs = int(config.get("epochs", 1))
         self.batch_size = int(config.get("batch_size", 1))
-        self.started = event["t"]
         self.step = self.last_step_seen = int(event.get("from_step", 0))
         where = (f"{config.get('stages')} stage(s) x {config.get('replicas')} replica(s)"
                  if self.command == "train" else "one process")
