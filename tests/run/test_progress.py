@@ -21,7 +21,8 @@ def events(run_dir, *, pause: bool = True) -> list[dict]:
     out = [{"t": 0.0, "event": "run_start", "command": "train", "total_steps": 4,
             "from_step": 0, "config": config}]
     for step in range(1, 5):
-        out.append({"t": step * 0.1 + (5.0 if step > 2 and pause else 0.0), "event": "step", "step": step, "epoch": (step - 1) // 2,
+        t = step * 0.1 + (5.0 if step > 2 and pause else 0.0)  # after the pause
+        out.append({"t": t, "event": "step", "step": step, "epoch": (step - 1) // 2,
                     "loss": 2.0 / step})
         if step == 2:
             out += [{"t": 0.2, "event": "epoch_end", "epoch": 0, "step": 2, "loss": 1.0,
