@@ -29,7 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.2.0"
-__all__ = ["train", "reference", "RunResult", "TrainConfig", "__version__"]
+__all__ = ["train", "reference", "RunResult", "TrainConfig", "UserError", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -47,4 +47,8 @@ def __getattr__(name: str) -> Any:
         from pipetrain.config import TrainConfig
 
         return TrainConfig
+    if name == "UserError":  # what a bad config or dataset raises (ConfigError, DataError)
+        from pipetrain.status import UserError
+
+        return UserError
     raise AttributeError(f"module 'pipetrain' has no attribute {name!r}")

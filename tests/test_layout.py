@@ -42,7 +42,8 @@ def modules(root: Path, package: str) -> dict[str, Path]:
 
 # The package's PEP 562 facade (``pipetrain.train(...)``, ``pipetrain.reference``): imports in a
 # module-level ``__getattr__`` run at attribute access, never at import, and only these may.
-FACADE = {"pipetrain": {"pipetrain.train", "pipetrain.train.api", "pipetrain.config"}}
+FACADE = {"pipetrain": {"pipetrain.train", "pipetrain.train.api", "pipetrain.config",
+                        "pipetrain.status"}}
 
 
 def _lazy_nodes(tree: ast.Module) -> set[int]:

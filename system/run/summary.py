@@ -14,6 +14,7 @@ from typing import Any
 
 import psutil
 
+from pipetrain.run.metrics import RateWindow
 from pipetrain.run.progress import duration
 
 ACTIVE = ("starting", "running", "paused", "recovering")
@@ -41,9 +42,23 @@ def summarize(state: dict[str, Any], events: list[dict[str, Any]],
     if starts:
         end = now if active else events[-1].get("t", now)
         elapsed = max(0.0, end - starts[-1]["t"])
-    step, total = state.get("step") or 0, state.get("total_steps")
-    rate = _finite(state.get("samples_per_s"))
+    total = state.get("total_steps")
     batch = (state.get("config") or {}).get("batch_size") or 1
+    # The events are fresher than run.json (rewritten every half second): the step and the
+    # rate come from them, with the window the terminal uses (pauses cut out).
+    window = RateWindow()
+    step = state.get("step") or 0
+    for event in events[events.index(starts[-1]):] if starts else events:
+        name = event.get("event")
+        if name == "step":
+            step = event["step"]
+            window.add(event["t"], step)
+        elif name == "paused":
+            window.pause(event["t"])
+        elif name == "resumed":
+            window.resume(event["t"])
+    steps_per_s = window.steps_per_s()
+    rate = steps_per_s * batch if steps_per_s else _finite(state.get("samples_per_s"))
     eta = None
     if active and state.get("state") == "running" and rate and total is not None:
         eta = max(0, total - step) * batch / rate
@@ -56,7 +71,7 @@ def summarize(state: dict[str, Any], events: list[dict[str, Any]],
         "step": step, "total_steps": total,
         "epoch": state.get("epoch"), "epochs": (state.get("config") or {}).get("epochs"),
         "last_loss": _finite(state.get("last_loss")),
-        "samples_per_s": rate,
+        "samples_per_s": None if rate is None else round(rate, 1),
         "accuracy": _finite(state.get("accuracy")),
         "eval_loss": _finite(state.get("eval_loss")),
         "best_accuracy": max((e["accuracy"] for e in scored), default=None),

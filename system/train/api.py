@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,13 +63,18 @@ def _read_state(run_dir: Path) -> dict[str, Any]:
         raise UserError(f"{run_dir / 'run.json'}: unreadable ({exc})") from None
 
 
+def _plain(values: dict[str, Any]) -> dict[str, Any]:
+    """Paths as the strings a config holds (``run_dir=Path(...)`` from Python)."""
+    return {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in values.items()}
+
+
 def prepare(command: str, config: ConfigLike = None, options: dict[str, Any] | None = None,
             *, resume: bool = False) -> Prepared:
     """Resolve and check a run, in the order a user's mistakes are best explained: the
     values, then the data against the model, then the stage count against the model."""
     values: dict[str, Any] = {}
     source = "options"
-    options = {k: v for k, v in (options or {}).items() if v is not None}
+    options = _plain({k: v for k, v in (options or {}).items() if v is not None})
     run_dir_given = options.get("run_dir") or (
         config.get("run_dir") if isinstance(config, dict) else None)
     if resume and not run_dir_given and not (isinstance(config, TrainConfig)
@@ -83,7 +89,7 @@ def prepare(command: str, config: ConfigLike = None, options: dict[str, Any] | N
         values.update(config.to_json())
         source = "config"
     elif isinstance(config, dict):
-        values.update(config)
+        values.update(_plain(config))
         source = "config"
     elif config is not None:
         values.update(load_toml(config))

@@ -269,8 +269,8 @@ def run_training(config: TrainConfig, run_dir: Path, *, quiet: bool = False,
             set_title(f"pipetrain: coordinator {run_dir}")
             progress = observe(run, quiet=quiet, tensorboard=tensorboard)
             if not signals.installed:
-                progress.message("pipetrain: not on the main thread: running without signal "
-                                 "control (pause, checkpoint and stop requests are not heard)")
+                print("pipetrain: not on the main thread: running without signal control "
+                      "(pause, checkpoint and stop requests are not heard)", file=sys.stderr)
             training = TrainingRun(config, run, signals, workload, progress,
                                    launcher_factory(config))
             return _run(training, resume)

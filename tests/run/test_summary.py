@@ -22,12 +22,22 @@ def test_a_running_run(tmp_path):
              "epoch": 4, "last_loss": 0.412345678, "samples_per_s": 6550.81230968465,
              "accuracy": None, "coordinator_pid": os.getpid(), "worker_pids": [os.getpid(), gone],
              "restarts": 2, "config": {"batch_size": 64, "epochs": 20}}
-    events = [{"t": 1000.0, "event": "run_start"}, {"t": 1010.0, "event": "step", "step": 1},
+    events = [{"t": 1000.0, "event": "run_start"},
               {"t": 1011.0, "event": "evaluate", "accuracy": 0.5},
               {"t": 1012.0, "event": "evaluate", "accuracy": 0.75}]
+    # No step event yet: the rate is run.json's.
+    assert summarize(state, events, now=1030.0)["eta_s"] == round(300 * 64 / 6550.81230968465, 3)
+    # Step events (fresher than run.json) give the step and the rate: 4 steps/s, a 1 s pause
+    # cut out.
+    events += [{"t": 1026.0, "event": "step", "step": 98},
+               {"t": 1026.0, "event": "paused", "step": 98},
+               {"t": 1027.0, "event": "resumed", "step": 98},
+               {"t": 1027.25, "event": "step", "step": 99},
+               {"t": 1027.5, "event": "step", "step": 100}]
     summary = summarize(state, events, now=1030.0)
     assert summary["elapsed_s"] == 30.0
-    assert summary["eta_s"] == round(300 * 64 / 6550.81230968465, 3)
+    assert summary["samples_per_s"] == 4 * 64
+    assert summary["eta_s"] == 300 / 4
     assert summary["restarts"] == 2 and summary["best_accuracy"] == 0.75
     assert summary["coordinator_pid"] == os.getpid()
     assert summary["worker_pids"] == [os.getpid()]  # the dead one is left out
@@ -35,8 +45,8 @@ def test_a_running_run(tmp_path):
     assert "None" not in text and "6550.81" not in text
     lines = dict(line.split(None, 1) for line in text.splitlines())
     assert lines["step"] == "100/400 (25%)" and lines["epoch"] == "4/20"
-    assert lines["samples/s"] == "6,551" and lines["loss"] == "0.4123"
-    assert lines["elapsed"] == "0:30" and lines["ETA"] == "0:03" and lines["restarts"] == "2"
+    assert lines["samples/s"] == "256" and lines["loss"] == "0.4123"
+    assert lines["elapsed"] == "0:30" and lines["ETA"] == "1:15" and lines["restarts"] == "2"
     assert lines["workers"] == str(os.getpid())
 
 
