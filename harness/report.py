@@ -12,7 +12,6 @@ checks, the plots.
 
 from __future__ import annotations
 
-import html
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,10 +20,11 @@ from typing import Any
 from pipetrain.run.rundir import read_events, read_state
 from pipetrain_harness import report_plots
 from pipetrain_harness.checks import CheckResult, RunOutcome, verdict
+from pipetrain_harness.report_history import esc as _esc
+from pipetrain_harness.report_history import history_html
 
 MB = 1024 * 1024
 COLOURS = {"valid": "#1a7f37", "invalid": "#cf222e", "unknown": "#9a6700"}
-SPECIFIC_ROLES = ("stage", "coordinator", "reference")
 
 
 @dataclass
@@ -132,12 +132,6 @@ def write_run_report(run_dir: Path, out: Path | None = None,
     return page
 
 
-def _role(own: list[dict[str, Any]]) -> str:
-    """The most specific role a process had (a worker is named by stage once it knows it)."""
-    roles = [s.get("role", "?") for s in own]
-    return next((r for r in reversed(roles) if r.startswith(SPECIFIC_ROLES)), roles[-1])
-
-
 def process_summaries(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per process (in order of first appearance): role, peak RSS, CPU mean and max."""
     by_pid: dict[int, list[dict[str, Any]]] = {}
@@ -148,7 +142,7 @@ def process_summaries(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
         cpu = [s["cpu_percent"] for s in own if s.get("cpu_percent") is not None]
         rss = [s["rss"] for s in own if s.get("rss")]
         summaries.append({
-            "pid": pid, "role": _role(own), "samples": len(own),
+            "pid": pid, "role": report_plots.most_specific_role(own), "samples": len(own),
             "first_t": own[0]["t"], "last_t": own[-1]["t"],
             "peak_rss_mb": round(max(rss, default=0) / MB, 2),
             "mean_cpu_percent": round(sum(cpu) / len(cpu), 1) if cpu else 0.0,
@@ -208,10 +202,6 @@ code { font-size: 12px; }
 """
 
 
-def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
 def _badge(status: str) -> str:
     colour = COLOURS.get(status, "#656d76")
     return f'<span class="status" style="background:{colour}">{_esc(status)}</span>'
@@ -242,7 +232,7 @@ def render_html(view: ReportView) -> str:
     parts.append("<h2>Plots</h2>")
     parts += _plots_html(view)
     parts += _processes_html(view)
-    parts += _history_html(view.history)
+    parts += history_html(view.history)
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
@@ -275,65 +265,6 @@ def _processes_html(view: ReportView) -> list[str]:
                          f"{_esc(proc.get('returncode'))}</td>"
                          f"<td>{_esc(proc.get('error') or '')}</td></tr>")
     parts.append("</table>")
-    return parts
-
-
-def _fields(entry: dict[str, Any], limit: int = 160) -> str:
-    shown = []
-    for key, value in entry.items():
-        if key in ("t", "source", "event", "op"):
-            continue
-        text = value if isinstance(value, str) else json.dumps(value, default=str)
-        if len(text) > limit:
-            text = text[:limit] + "…"
-        shown.append(f'<span class="kv">{_esc(key)}</span> {_esc(text)}')
-    return " &middot; ".join(shown)
-
-
-def _groups(history: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """Consecutive step events together; everything else alone."""
-    groups: list[list[dict[str, Any]]] = []
-    for entry in history:
-        is_step = entry.get("source") == "run" and entry.get("event") == "step"
-        if is_step and groups and groups[-1][0].get("event") == "step" \
-                and groups[-1][0].get("source") == "run":
-            groups[-1].append(entry)
-        else:
-            groups.append([entry])
-    return groups
-
-
-def _history_html(history: list[dict[str, Any]]) -> list[str]:
-    t0 = history[0].get("t", 0.0) if history else 0.0
-    groups = _groups(history)
-    parts = ["<h2>History</h2>",
-             f"<details><summary>{len(history)} entries in {len(groups)} rows (runs of steps "
-             "grouped; harness operations highlighted): show</summary>",
-             "<table><tr><th>t (s)</th><th>source</th><th>what</th><th>details</th></tr>"]
-    for group in groups:
-        first = group[0]
-        t = f"{first.get('t', t0) - t0:.3f}"
-        if first.get("event") == "step" and first.get("source") == "run":
-            loss = (f"loss {group[0].get('loss', 0):.4f} → {group[-1].get('loss', 0):.4f}"
-                    if all(isinstance(e.get("loss"), float) for e in (group[0], group[-1]))
-                    else "")
-            label = (f"step {first['step']}" if len(group) == 1 else
-                     f"steps {first['step']}–{group[-1]['step']} ({len(group)})")
-            rows = "".join(f"<tr><td class=num>{e.get('t', t0) - t0:.3f}</td><td class=num>"
-                           f"{_esc(e.get('step'))}</td><td>{_fields(e, 72)}</td></tr>"
-                           for e in group)
-            parts.append(f"<tr><td class=num>{t}</td><td>run</td><td>{_esc(label)}</td><td>"
-                         f"<details><summary>{_esc(loss)}</summary><table>{rows}</table>"
-                         "</details></td></tr>")
-            continue
-        harness = first.get("source") == "harness"
-        what = first.get("op") if harness else first.get("event")
-        alert = what in ("restart", "error", "fault_error", "timeout") or (
-            what == "worker_exit" and first.get("returncode") not in (0, None))
-        cls = ' class="harness"' if harness else ' class="alert"' if alert else ""
-        parts.append(f"<tr{cls}><td class=num>{t}</td><td>{_esc(first.get('source', '?'))}"
-                     f"</td><td>{_esc(what)}</td><td>{_fields(first)}</td></tr>")
-    parts += ["</table>", "</details>"]
     return parts
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from pipetrain.run.metrics import RateWindow, stage_timings
 
 MB = 1024 * 1024
+SPECIFIC_ROLES = ("stage", "coordinator", "reference")
 MARK_STYLES = {  # kind -> (colour, line style, legend label)
     "restart": ("#cf222e", "--", "restart"),
     "checkpoint": ("#1a7f37", ":", "checkpoint"),
@@ -43,6 +44,7 @@ class Timeline:
     """What the plots share: the start time, the run's steps in time order, the marks."""
 
     t0: float
+    t_end: float
     steps: list[tuple[float, int]]         # (unix t, step) of every step event, as they ran
     marks: list[Mark]
     replayed: list[tuple[int, int]]        # (first, last) steps that a restart ran again
@@ -58,7 +60,7 @@ def timeline(run_events: list[dict[str, Any]], history: list[dict[str, Any]],
         [h["t"] for h in history if "t" in h]
     t0 = min(times, default=0.0)
     steps = sorted((e["t"], e["step"]) for e in run_events if e.get("event") == "step")
-    line = Timeline(t0, steps, [], [])
+    line = Timeline(t0, max(times, default=0.0), steps, [], [])
     last_done = 0
     for event in sorted(run_events, key=lambda e: e.get("t", 0.0)):
         name = event.get("event")
@@ -83,6 +85,19 @@ def timeline(run_events: list[dict[str, Any]], history: list[dict[str, Any]],
     return line
 
 
+def most_specific_role(own: list[dict[str, Any]]) -> str:
+    """The role a process had at its most specific: a worker is named by stage once it knows
+    it, and a dying one may show only its 15-character kernel name."""
+    roles = [s.get("role", "?") for s in own]
+    return next((r for r in reversed(roles) if r.startswith(SPECIFIC_ROLES)), roles[-1])
+
+
+def alive_sample(sample: dict[str, Any]) -> bool:
+    """A zombie, or a process tearing down its memory on the way out, has no RSS or CPU of its
+    own any more: plotting it would show a fall to zero that did not happen while it lived."""
+    return sample.get("status") not in ("zombie", "dead") and sample.get("rss") != 0
+
+
 def png(figure: Any) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
@@ -105,7 +120,9 @@ def _marks(axes: Any, line: Timeline, *, by_step: bool) -> None:
 
 
 def _steps_on_top(axes: Any, line: Timeline, ticks: int = 9) -> None:
-    """Step numbers along the top of a time axis (a replayed step appears at both times)."""
+    """Step numbers along the top of a time axis (a replayed step appears at both times), on
+    the run's whole time span, the same for every time plot."""
+    axes.set_xlim(0, max(line.t_end - line.t0, 1e-3) * 1.01)
     if not line.steps:
         return
     every = max(1, len(line.steps) // ticks)
@@ -116,13 +133,13 @@ def _steps_on_top(axes: Any, line: Timeline, ticks: int = 9) -> None:
     top.set_xlabel("step", fontsize=8)
 
 
-def _finish(axes: Any, title: str, xlabel: str, ylabel: str, ncol: int = 1) -> None:
-    axes.set_title(title, fontsize=10)
+def _finish(axes: Any, title: str, xlabel: str, ylabel: str) -> None:
+    axes.set_title(title, fontsize=10, pad=14)
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.grid(alpha=0.3)
-    if axes.get_legend_handles_labels()[0]:
-        axes.legend(fontsize=7, ncol=ncol, loc="best")
+    if axes.get_legend_handles_labels()[0]:  # beside the plot, never over the data
+        axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
 
 
 def last_run_of_each_step(run_events: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
@@ -180,8 +197,9 @@ def throughput_plot(Figure: Any, line: Timeline, run_events: list[dict[str, Any]
         if name == "step":
             rate.add(event["t"], event["step"])
             steps_per_s = rate.steps_per_s()
-            if steps_per_s is not None:
-                points.append((event["t"] - line.t0, steps_per_s * batch))
+            # No rate yet (the start, or a restart's new window): a gap, not a bridge
+            points.append((event["t"] - line.t0,
+                           float("nan") if steps_per_s is None else steps_per_s * batch))
         elif name == "paused":
             rate.pause(event["t"])
         elif name == "resumed":
@@ -224,7 +242,7 @@ def stage_plot(Figure: Any, run_events: list[dict[str, Any]]) -> str | None:
         left = [a + b for a, b in zip(left, widths, strict=True)]
     axes.invert_yaxis()
     _finish(axes, "per stage: where a step's time goes (mean over steps and replicas)",
-            "milliseconds per step", "", ncol=3)
+            "milliseconds per step", "")
     return png(figure)
 
 
@@ -234,15 +252,15 @@ def process_plot(Figure: Any, line: Timeline, samples: list[dict[str, Any]], key
     axes = figure.subplots()
     series: dict[tuple[int, Any], list[dict[str, Any]]] = {}
     for sample in samples:
-        if sample.get("status") == "zombie":
-            continue  # dead already: no memory or CPU of its own any more
+        if not alive_sample(sample):
+            continue
         series.setdefault((sample["pid"], sample.get("create_time")), []).append(sample)
     for (pid, _), own in series.items():
         points = [(s["t"] - line.t0, s[key] / scale) for s in own if s.get(key) is not None]
         if points:
-            role = own[-1].get("role", "?")
+            role = most_specific_role(own)
             axes.plot(*zip(*points, strict=True), label=f"{role} (pid {pid})", linewidth=1)
     _marks(axes, line, by_step=False)
     _steps_on_top(axes, line)
-    _finish(axes, f"{label} per process", "seconds since start", label, ncol=3)
+    _finish(axes, f"{label} per process", "seconds since start", label)
     return png(figure)
