@@ -318,7 +318,12 @@ def _release_fonts() -> None:
 
     from matplotlib import font_manager
 
-    cached = getattr(font_manager, "_get_font", None)
-    if cached is not None and hasattr(cached, "cache_clear"):
-        cached.cache_clear()
-        gc.collect()  # the font objects close their files when collected
+    from matplotlib import mathtext
+
+    # The font cache, and mathtext's cache of parsed labels (log-axis ticks are mathtext),
+    # whose entries hold fonts of their own.
+    for cached in (getattr(font_manager, "_get_font", None),
+                   getattr(mathtext.MathTextParser, "_parse_cached", None)):
+        if cached is not None and hasattr(cached, "cache_clear"):
+            cached.cache_clear()
+    gc.collect()  # the font objects close their files when collected

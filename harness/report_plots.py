@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import base64
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipetrain.run.metrics import RateWindow, stage_timings
@@ -48,6 +48,7 @@ class Timeline:
     steps: list[tuple[float, int]]         # (unix t, step) of every step event, as they ran
     marks: list[Mark]
     replayed: list[tuple[int, int]]        # (first, last) steps that a restart ran again
+    paused: list[tuple[float, float]] = field(default_factory=list)  # (from, to) unix t
 
     def step_at(self, t: float) -> int:
         reached = [step for when, step in self.steps if when <= t]
@@ -70,6 +71,9 @@ def timeline(run_events: list[dict[str, Any]], history: list[dict[str, Any]],
             line.marks.append(Mark("checkpoint", event["t"], event["step"]))
         elif name == "paused":
             line.marks.append(Mark("paused", event["t"], event["step"]))
+            line.paused.append((event["t"], line.t_end))
+        elif name == "resumed" and line.paused:
+            line.paused[-1] = (line.paused[-1][0], event["t"])
         elif name == "restart":
             seen = event["t"] - float(event.get("recovery_s") or 0.0)
             line.marks.append(Mark("restart", seen, event["from_step"]))
@@ -112,6 +116,11 @@ def _marks(axes: Any, line: Timeline, *, by_step: bool) -> None:
         axes.axvline(x, color=colour, linestyle=style, linewidth=1.1,
                      label=None if label in labelled else label)
         labelled.add(label)
+    if not by_step:
+        for start, end in line.paused:
+            axes.axvspan(start - line.t0, end - line.t0, color="#6e7781", alpha=0.12,
+                         label=None if "paused span" in labelled else "paused (span)")
+            labelled.add("paused span")
     for first, last in line.replayed:
         if by_step:
             axes.axvspan(first - 0.5, last + 0.5, color="#cf222e", alpha=0.08,
@@ -159,8 +168,10 @@ def loss_plot(Figure: Any, line: Timeline, run_events: list[dict[str, Any]],
         axes.plot(sorted(ref), [ref[s]["loss"] for s in sorted(ref)], label="reference",
                   linewidth=1, linestyle="--", color="black")
     _marks(axes, line, by_step=True)
+    if all(last[x]["loss"] > 0 for x in xs):
+        axes.set_yscale("log")  # late steps differ by little: a linear axis hides them
     _finish(axes, "training loss per step" + (": run and reference" if reference else ""),
-            "step", "loss (nats)")
+            "step", "loss (nats, log scale)")
     return png(figure)
 
 

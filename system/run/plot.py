@@ -92,7 +92,9 @@ def plot_run(events: list[dict[str, Any]], out: Path, title: str) -> Path:
     if _finite([e.get("eval_loss") for e in by_epoch]):
         loss_axes.plot(ends, [e.get("eval_loss") for e in by_epoch], marker="s", markersize=3,
                        label="held-out loss")
-    loss_axes.set_ylabel("loss (nats)")
+    loss_axes.set_ylabel("loss (nats, log scale)")
+    if all(v > 0 for v in data["loss"].values()):
+        loss_axes.set_yscale("log")  # the late epochs are where the differences are small
     loss_axes.set_title(title)
     if _finite([e.get("accuracy") for e in by_epoch]):
         metric_axes.plot(ends, [e.get("accuracy") for e in by_epoch], marker="o",

@@ -126,6 +126,8 @@ class Progress:
         handler = getattr(self, f"on_{event.get('event')}", None)
         if handler is not None:
             handler(event)
+        if event.get("event") != "step" and self._live is not None:
+            self._draw(event["t"], force=True)  # a throttled bar may show an older step
 
     def on_run_start(self, event: Event) -> None:
         config = event.get("config") or {}
