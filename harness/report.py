@@ -316,9 +316,7 @@ def _release_fonts() -> None:
     (and the test suite's leak check) must not find them, so the cache is emptied after use."""
     import gc
 
-    from matplotlib import font_manager
-
-    from matplotlib import mathtext
+    from matplotlib import font_manager, mathtext
 
     # The font cache, and mathtext's cache of parsed labels (log-axis ticks are mathtext),
     # whose entries hold fonts of their own.
