@@ -154,13 +154,15 @@ class Progress:
         self.mean_loss[event["epoch"]] = event.get("mean_loss", event.get("loss"))
 
     def on_evaluate(self, event: Event) -> None:
-        self.evaluations.append(event)
         epoch = event["epoch"]
+        again = any(e["epoch"] == epoch for e in self.evaluations)
+        self.evaluations.append(event)
         accuracy = event.get("accuracy")
         metric = "" if accuracy is None else f"  accuracy {_number(accuracy)}"
         self.message(f"epoch {epoch + 1}/{self.epochs}  train loss "
                      f"{_number(self.mean_loss.get(epoch))}  held-out loss "
-                     f"{_number(event.get('loss'))}{metric}")
+                     f"{_number(event.get('loss'))}{metric}"
+                     + ("  (run again after the restart)" if again else ""))
 
     def on_checkpoint(self, event: Event) -> None:
         self.message(f"checkpoint at step {event['step']}: {self.run_dir / event['path']}")

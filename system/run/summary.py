@@ -47,11 +47,11 @@ def summarize(state: dict[str, Any], events: list[dict[str, Any]],
     # The events are fresher than run.json (rewritten every half second): the step and the
     # rate come from them, with the window the terminal uses (pauses cut out).
     window = RateWindow()
-    step = state.get("step") or 0
+    step, loss = state.get("step") or 0, state.get("last_loss")
     for event in events[events.index(starts[-1]):] if starts else events:
         name = event.get("event")
         if name == "step":
-            step = event["step"]
+            step, loss = event["step"], event.get("loss")
             window.add(event["t"], step)
         elif name == "paused":
             window.pause(event["t"])
@@ -70,7 +70,7 @@ def summarize(state: dict[str, Any], events: list[dict[str, Any]],
         "command": state.get("command"),
         "step": step, "total_steps": total,
         "epoch": state.get("epoch"), "epochs": (state.get("config") or {}).get("epochs"),
-        "last_loss": _finite(state.get("last_loss")),
+        "last_loss": _finite(loss),
         "samples_per_s": None if rate is None else round(rate, 1),
         "accuracy": _finite(state.get("accuracy")),
         "eval_loss": _finite(state.get("eval_loss")),

@@ -69,12 +69,15 @@ def test_a_stop_says_how_to_resume_and_a_restart_what_it_cost(tmp_path):
         progress(event)
     progress({"t": 0.6, "event": "step", "step": 3, "epoch": 1, "loss": 0.7})
     progress({"t": 1.6, "event": "step", "step": 3, "epoch": 1, "loss": 0.7})
+    progress({"t": 1.6, "event": "evaluate", "epoch": 0, "step": 2, "loss": 1.25,
+              "accuracy": 0.5})  # epoch 1 evaluated again after a restart
     progress({"t": 1.6, "event": "restart", "from_step": 2, "restart": 1, "recovery_s": 0.31,
               "cause": "stage 1 exited"})
     progress({"t": 1.7, "event": "stop", "step": 3, "reason": "signal"})
     progress({"t": 1.8, "event": "run_end", "status": "stopped", "step": 3})
     text = stream.getvalue()
     assert "restarted from step 2 (restart 1): 1 step(s) lost, recovered in 0.31 s" in text
+    assert "accuracy 0.5000  (run again after the restart)" in text
     assert (f"stopped at step 3 (on request); continue with: pipetrain train --resume "
             f"--run-dir {tmp_path}") in text
     assert text.splitlines()[-1].startswith("stopped in ")
