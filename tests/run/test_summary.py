@@ -33,7 +33,7 @@ def test_a_running_run(tmp_path):
                {"t": 1026.0, "event": "paused", "step": 98},
                {"t": 1027.0, "event": "resumed", "step": 98},
                {"t": 1027.25, "event": "step", "step": 99},
-               {"t": 1027.5, "event": "step", "step": 100}]
+               {"t": 1027.5, "event": "step", "step": 100, "loss": 0.412345678}]
     summary = summarize(state, events, now=1030.0)
     assert summary["elapsed_s"] == 30.0
     assert summary["samples_per_s"] == 4 * 64
