@@ -251,15 +251,15 @@ def report(run_dir: str, output: str | None, reference: str | None) -> int:
 
 
 def run_bench(args: list[str]) -> int:
-    """``pipetrain bench ARGS`` is ``python -m bench.run ARGS`` from the source checkout."""
-    roots = [Path(__file__).resolve().parent.parent, Path.cwd()]
-    root = next((r for r in roots if (r / "bench" / "run.py").is_file()), None)
-    if root is None:
-        raise UsageError("bench: the benchmark suite lives in pipetrain's source tree, not in "
-                         "the installed package: run `pipetrain bench` from a checkout "
-                         "(the folder holding bench/run.py)")
-    code = subprocess.call([sys.executable, "-m", "bench.run", *args], cwd=root)
-    return code if code >= 0 else 128 - code
+    """``pipetrain bench ARGS``: ``python -m bench.run ARGS`` in a source checkout (results
+    into ``bench/``), else the installed suite, ``pipetrain_harness.bench`` (results into
+    ``./bench-results``)."""
+    root = Path(__file__).resolve().parent.parent
+    if (root / "bench" / "run.py").is_file() and (root / "pyproject.toml").is_file():
+        code = subprocess.call([sys.executable, "-m", "bench.run", *args], cwd=root)
+        return code if code >= 0 else 128 - code
+    return _delegate("pipetrain_harness.bench.run", args,
+                     "bench: needs the harness (pip install 'pipetrain[harness]')")
 
 
 def completion(shell: str) -> int:

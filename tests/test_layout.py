@@ -160,8 +160,9 @@ def test_the_package_list_is_every_package_on_disk():
     listed = set(project["packages"])
     on_disk = {name for name, path in {**SYSTEM_MODULES, **modules(HARNESS, "pipetrain_harness")}
                .items() if path.name == "__init__.py"}
-    # The data-only package: the scenario files, shipped inside the harness.
-    data = {"pipetrain_harness.scenarios": "scenarios"}
+    # Shipped inside the harness from top-level folders: the scenario files (data only) and
+    # the benchmark suite.
+    data = {"pipetrain_harness.scenarios": "scenarios", "pipetrain_harness.bench": "bench"}
     assert listed == on_disk | set(data)
     assert project["package-dir"] == {"pipetrain": "system", "pipetrain_harness": "harness",
                                       **data}

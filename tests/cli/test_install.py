@@ -38,7 +38,7 @@ def build_wheel(tmp_path: Path) -> Path:
     source = tmp_path / "source"
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name if source.exists() else _mkdir(source) / name)
-    for name in ("system", "harness", "scenarios"):
+    for name in ("system", "harness", "scenarios", "bench"):
         shutil.copytree(REPO / name, source / name,
                         ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
@@ -67,6 +67,9 @@ def test_the_wheel_installs_pipetrain_and_its_harness_and_no_generic_name(tmp_pa
     assert "pipetrain/data/digits.csv.gz" in names
     for path in (REPO / "scenarios").glob("*.toml"):  # the scenarios ship with the harness
         assert f"pipetrain_harness/scenarios/{path.name}" in names, path
+    for path in (REPO / "bench").glob("*.py"):  # and the benchmark suite
+        assert f"pipetrain_harness/bench/{path.name}" in names, path
+    assert not any(name.endswith((".png", ".json")) and "/bench/" in name for name in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     with zipfile.ZipFile(wheel) as archive:
         scripts = archive.read(entry_points).decode()
@@ -137,3 +140,8 @@ def test_installed_harness_lists_its_shipped_scenarios_from_anywhere(tmp_path):
     scenarios, save_dir = shown.stdout.split()
     assert scenarios.startswith(str(target)), scenarios
     assert save_dir == "reports/fuzz/found"
+    # The installed benchmark suite answers, and would write into the working directory.
+    bench = subprocess.run([sys.executable, "-m", "pipetrain_harness.bench.run", "--help"],
+                           cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60)
+    assert bench.returncode == 0, bench.stderr
+    assert "(default: bench-results)" in bench.stdout
