@@ -128,14 +128,17 @@ def _marks(axes: Any, line: Timeline, *, by_step: bool) -> None:
             labelled.add("replayed")
 
 
-def _steps_on_top(axes: Any, line: Timeline, ticks: int = 9) -> None:
+def _steps_on_top(axes: Any, line: Timeline, ticks: int = 20) -> None:
     """Step numbers along the top of a time axis (a replayed step appears at both times), on
     the run's whole time span, the same for every time plot."""
     axes.set_xlim(0, max(line.t_end - line.t0, 1e-3) * 1.01)
     if not line.steps:
         return
-    every = max(1, len(line.steps) // ticks)
-    chosen = line.steps[::every]
+    span = max(line.t_end - line.t0, 1e-3)
+    chosen: list[tuple[float, int]] = []
+    for t, step in line.steps:  # evenly in time, so that no two labels overlap
+        if not chosen or t - chosen[-1][0] >= span / ticks:
+            chosen.append((t, step))
     top = axes.secondary_xaxis("top")
     top.set_xticks([t - line.t0 for t, _ in chosen], labels=[str(s) for _, s in chosen],
                    fontsize=7)

@@ -24,6 +24,7 @@ Event = dict[str, Any]
 Listener = Callable[[Event], None]
 
 WINDOW_S = 5.0  # how far back "recent" throughput looks
+FLUSH_S = 1.0   # metrics.csv reaches the disk at least this often while steps run
 
 
 class RateWindow:
@@ -134,6 +135,7 @@ class MetricsCsv:
         self.stages = 0
         self.rate = RateWindow()
         self._pending: dict[str, Any] | None = None
+        self._flushed_t = 0.0
         self._handle = None
         self._writer: csv.DictWriter | None = None
 
@@ -145,7 +147,12 @@ class MetricsCsv:
             self.stages = int(config.get("stages", 1)) if event.get("command") == "train" else 0
             self._open()
         elif name == "step":
-            self._flush()
+            # Written at once, flushed at most once a second and at every other event: a
+            # write per step would cost more than the row (events.jsonl has every step anyway).
+            due = event["t"] - self._flushed_t >= FLUSH_S
+            self._flush(to_disk=due)
+            if due:
+                self._flushed_t = event["t"]
             self.rate.add(event["t"], event["step"])
             steps_per_s = self.rate.steps_per_s()
             row = {"t": event["t"], "step": event["step"], "epoch": event.get("epoch"),
@@ -190,11 +197,12 @@ class MetricsCsv:
             self._writer.writerows(rows)
         self._handle.flush()
 
-    def _flush(self) -> None:
+    def _flush(self, *, to_disk: bool = True) -> None:
         if self._pending is not None and self._writer is not None:
             self._writer.writerow(self._pending)
-            self._handle.flush()
         self._pending = None
+        if to_disk and self._handle is not None:
+            self._handle.flush()
 
     def close(self) -> None:
         self._flush()
