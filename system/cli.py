@@ -138,7 +138,9 @@ data, 130 aborted by a second Ctrl-C.  Python: pipetrain.train(config) -> RunRes
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="pipetrain", description=__doc__.splitlines()[0], epilog=EPILOG)
+    parser = _Parser(prog="pipetrain", epilog=EPILOG,
+                     description="Train a neural network across OS processes (pipeline stages "
+                     "and data-parallel replicas), bitwise equal to one process.")
     parser.add_argument("--version", action="version",
                         version=f"pipetrain {pipetrain.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
