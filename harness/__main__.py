@@ -1,4 +1,4 @@
-"""``python -m pipetrain_harness run|list|fuzz``: the scenario harness's command line.
+"""``python -m pipetrain_harness run|list|fuzz|report``: the scenario harness's command line.
 
 Exit status: 0 when every expectation held, 1 when a scenario failed (its reproduce command is
 printed), 2 for bad usage or a bad scenario file (one line).
@@ -14,8 +14,16 @@ from typing import NoReturn
 from pipetrain_harness.faults.base import FaultError
 from pipetrain_harness.scenario import ScenarioError, load_all, load_scenario
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_SCENARIOS = REPO / "scenarios"
+HERE = Path(__file__).resolve().parent
+
+
+def default_scenarios() -> Path:
+    """The scenarios shipped in the wheel (``pipetrain_harness/scenarios``), or those of the
+    source tree (``scenarios/`` beside ``harness/``) when running from a checkout."""
+    for candidate in (HERE / "scenarios", HERE.parent / "scenarios"):
+        if candidate.is_dir():
+            return candidate
+    return HERE / "scenarios"
 
 
 class UsageError(Exception):
@@ -34,14 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("paths", nargs="+", type=Path)
     run.add_argument("--seed", type=int, help="override each scenario's seed")
     run.add_argument("--report-dir", type=Path, default=Path("reports"))
-    listing = commands.add_parser("list", help="the scenarios in a directory")
-    listing.add_argument("directory", nargs="?", type=Path, default=DEFAULT_SCENARIOS)
+    listing = commands.add_parser("list", help="the scenarios in a directory (default: the "
+                                  "ones shipped with the package)")
+    listing.add_argument("directory", nargs="?", type=Path, default=None)
     fuzz = commands.add_parser("fuzz", help="random fault plans; failures saved as scenarios")
     fuzz.add_argument("--seconds", type=float, required=True)
     fuzz.add_argument("--seed", type=int, default=0)
     fuzz.add_argument("--report-dir", type=Path, default=Path("reports/fuzz"))
-    fuzz.add_argument("--save-dir", type=Path, default=DEFAULT_SCENARIOS / "found")
+    fuzz.add_argument("--save-dir", type=Path, default=Path("reports/fuzz/found"),
+                      help="where failing plans are saved as scenarios (default: "
+                      "reports/fuzz/found, outside the source tree)")
     fuzz.add_argument("--plant", help="switch on a planted system bug the fuzzer should find")
+    report = commands.add_parser("report", help="report.html of any run directory")
+    report.add_argument("run_dir", type=Path)
+    report.add_argument("-o", "--output", type=Path, help="default: RUN_DIR/report.html")
+    report.add_argument("--reference", type=Path, help="a reference run to compare with")
     return parser
 
 
@@ -62,6 +77,8 @@ def command_run(args: argparse.Namespace) -> int:
         for result in results:
             if result.status != "valid":
                 print(f"   {result.status}: {result.name}: {result.message}")
+        if "html" in report:
+            print(f"   report: {report['html']}", flush=True)
         if verdict != "valid":
             failed.append(reproduce)
     print(summary_table(rows))
@@ -72,7 +89,7 @@ def command_run(args: argparse.Namespace) -> int:
 
 
 def command_list(args: argparse.Namespace) -> int:
-    for scenario in load_all(args.directory):
+    for scenario in load_all(args.directory or default_scenarios()):
         print(f"{scenario.name:32} {scenario.description}")
     return 0
 
@@ -84,10 +101,22 @@ def command_fuzz(args: argparse.Namespace) -> int:
                 save_dir=args.save_dir, plant=args.plant)
 
 
+def command_report(args: argparse.Namespace) -> int:
+    from pipetrain_harness.report import write_run_report
+
+    if not (args.run_dir / "run.json").is_file():
+        raise UsageError(f"{args.run_dir}: not a run directory (no run.json)")
+    if args.reference is not None and not (args.reference / "events.jsonl").is_file():
+        raise UsageError(f"{args.reference}: not a run directory (no events.jsonl)")
+    print(f"report: {write_run_report(args.run_dir, args.output, args.reference)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        handler = {"run": command_run, "list": command_list, "fuzz": command_fuzz}
+        handler = {"run": command_run, "list": command_list, "fuzz": command_fuzz,
+                   "report": command_report}
         return handler[args.command](args)
     except (UsageError, ScenarioError, FaultError) as exc:
         print(f"harness: error: {exc}", file=sys.stderr)

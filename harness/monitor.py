@@ -68,8 +68,17 @@ class Baseline:
         return {MARKER_ENV: self.marker}
 
 
+TITLE = "pipetrain: "
+
+
 def role_of(cmdline: list[str], name: str) -> str:
-    """``coordinator`` or ``worker`` for a process of a pipetrain run, else its name."""
+    """A pipetrain process's role: its title once it set one (``stage 1/3 replica 0``,
+    ``coordinator runs/x``: see ``pipetrain.runtime.proctitle``), else ``coordinator`` or
+    ``worker`` from its command line; any other process's name."""
+    title = " ".join(cmdline)
+    if title.startswith(TITLE):
+        role = title[len(TITLE):].strip()
+        return "coordinator" if role.startswith("coordinator") else role
     if "pipetrain.runtime.worker" in cmdline or (
             "pipetrain_harness.entry" in cmdline and "worker" in cmdline):
         return "worker"

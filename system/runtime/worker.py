@@ -46,6 +46,8 @@ from pipetrain.run import checkpoint
 from pipetrain.runtime import messages
 from pipetrain.runtime.background import JobFailed
 from pipetrain.runtime.inbox import Inbox, InboxClosed, InboxFailure, PeerClosed, Receivers
+from pipetrain.runtime.proctitle import set_title, stage_title
+from pipetrain.runtime.topology import Position
 from pipetrain.runtime.worker_setup import Parts, build_parts, receive_frame
 from pipetrain.status import ExitCode
 from pipetrain.threads import start_helper
@@ -246,6 +248,7 @@ class Worker:
             self.parts = build_parts(init, self.transport, self.inbox, self._report_digests,
                                      self.alive)
             self.name = str(self.parts.place)
+            set_title(stage_title(Position(init.stage, init.replica), init.num_stages))
             self.heartbeat_thread = start_helper(
                 self._heartbeat, name="heartbeat",
                 args=(init.heartbeat_interval_s, init.heartbeat_timeout_s))
@@ -323,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     die_with_parent()
     ignore_job_control()
+    set_title("pipetrain: worker (starting)")
     worker = Worker(PipeChannel(int(argv[0]), int(argv[1]), name="control"), PipeTransport())
 
     def on_term(signum: int, frame: object) -> None:
