@@ -221,8 +221,11 @@ class Monitor:
             except (OSError, psutil.Error):
                 continue
 
-    def leak_report(self, baseline: Baseline) -> list[str]:
-        """What the run left behind; call after it ended (and after ``stop``)."""
+    def leak_report(self, baseline: Baseline,
+                    judged: set[tuple[int, float]] = frozenset()) -> list[str]:
+        """What the run left behind; call after it ended (and after ``stop``). Processes in
+        ``judged`` ((pid, create_time)) had their fds judged from their own exit samples
+        (``pipetrain_harness.probes``), which the monitor's samples could only approximate."""
         self._find_marked(baseline.marker)
         leaks = []
         for pid, info in sorted(self.seen.items()):
@@ -245,7 +248,8 @@ class Monitor:
         for fd, target in sorted(_open_fds().items()):
             if baseline.fds.get(fd) != target:
                 leaks.append(f"fd left open in the harness: fd {fd} -> {target}")
-        leaks += fd_growth(self.samples)
+        leaks += fd_growth([s for s in self.samples
+                            if (s["pid"], s.get("create_time")) not in judged])
         return leaks
 
     def reap_leftovers(self, timeout_s: float = 5.0) -> list[int]:

@@ -20,6 +20,7 @@ Who calls what (``place`` says which process and generation, see :class:`Place`)
 point                     process        when
 ========================  =============  ====================================================
 ``worker_command``        coordinator    before spawning a worker: its command line
+``quiet_boundary``        coordinator    a step's results are in: may the next one start early?
 ``at_boundary``           coordinator    at a step boundary, before signals are acted on
 ``checkpoint_phase``      both           after each phase of writing a checkpoint
 ``worker_ready``          worker         set-up done, about to report ready
@@ -68,6 +69,14 @@ class Hooks:
     def worker_command(self, place: Place, argv: list[str]) -> list[str]:
         """The command line that starts the worker at ``place``; returns the one to use."""
         return argv
+
+    def quiet_boundary(self, step: int) -> bool:
+        """Asked when step ``step`` is done on every worker and the coordinator could start
+        the next step before this one's digests are in (nothing else to do at this boundary).
+        True keeps the boundary quiet instead: the step's event is written and
+        :meth:`at_boundary` runs with no step in flight, so a fault planned for the next step
+        finds the one before it complete in every process."""
+        return False
 
     def at_boundary(self, step: int) -> None:
         """A step boundary with no step in flight (``step`` steps done), before pending
