@@ -30,7 +30,7 @@ from pipetrain_harness.scenario import (
     scenario_to_toml,
 )
 
-HEARTBEAT_S = 1.0
+HEARTBEAT_S = 3.0  # above a worker's start-up on a loaded 2-core machine (2 s was not, at load 19)
 COORDINATOR_SIGNALS = ["SIGKILL", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGSEGV"]
 WORKER_SIGNALS = ["SIGKILL", "SIGTERM", "SIGSEGV", "SIGUSR1", "SIGINT"]
 STORM_SIGNALS = ["SIGUSR1", "SIGTSTP", "SIGCONT"]
@@ -113,7 +113,7 @@ def _draw_fault(rng: random.Random, train: dict[str, Any], shape: dict[str, Any]
                 names = [n for n in names if n != "SIGTERM"]  # lands exactly only in main
             fault["signal"] = rng.choice(names)
         elif kind == "freeze":
-            fault["duration_s"] = rng.choice([0.2, HEARTBEAT_S * 2.5])
+            fault["duration_s"] = rng.choice([0.2, HEARTBEAT_S * 2.2])
         else:
             signals = (rng.sample(STORM_SIGNALS, rng.randint(1, 3)) if on_coordinator
                        else [rng.choice(["SIGUSR1", "SIGINT", "SIGTSTP"])])

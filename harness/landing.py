@@ -144,7 +144,8 @@ class FaultBook:
                         point.generation is not None
                         and point.generation != request["generation"]):
                     continue
-                if point.hook == "checkpoint_phase" and ordinal < point.checkpoint:
+                if point.hook == "checkpoint_phase" and (ordinal < point.checkpoint
+                                                         or request.get("phase") != point.phase):
                     continue
                 # At a boundary a fault lands before the step its point names.
                 landing_step = point.step if point.hook == "at_boundary" else step

@@ -23,12 +23,21 @@ POINT_DETAILS = ("at_action", "at_reduce", "at_microbatch", "when")
 
 
 def size(plan: dict[str, Any]) -> tuple[int, ...]:
-    """Smaller is simpler: faults, the sum of their points, grid, epochs, micro-batches."""
+    """Smaller is simpler: faults, the sum of their points (a higher stage or replica counts
+    as a later point), grid, epochs, micro-batches."""
     train = plan["train"]
-    points = sum(f.get("at_step", 0) + f.get("after_checkpoint", 0)
+    points = sum(f.get("at_step", 0) + f.get("after_checkpoint", 0) + _where(f)
                  + sum(1 for key in POINT_DETAILS if key in f) for f in plan["faults"])
     return (len(plan["faults"]), points, train.get("stages", 3) * train.get("replicas", 1),
             train.get("epochs", 20), train.get("microbatches", 4))
+
+
+def _where(fault: dict[str, Any]) -> int:
+    """How far up the grid a fault's process is (0: stage 0 of replica 0)."""
+    numbers = [int(part) for part in fault.get("target", "").split(":") if part.isdigit()]
+    if fault.get("link"):
+        numbers = [int(part) for part in fault["link"].split("->")]
+    return sum(numbers) + fault.get("replica", 0)
 
 
 def describe_size(plan: dict[str, Any]) -> str:
@@ -64,6 +73,19 @@ def candidates(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def _simpler_points(fault: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    target = fault.get("target", "")
+    if target.startswith("stage:"):  # the lowest stage and replica: room for a smaller grid
+        parts = target.split(":")
+        lower = "stage:0" + (f":replica:{parts[3]}" if len(parts) == 4 else "")
+        if lower != target and not target.startswith("stage:0"):
+            yield {**fault, "target": lower}
+        if len(parts) == 4 and parts[3] != "0":
+            yield {**fault, "target": f"stage:{parts[1]}:replica:0"}
+    if fault.get("link") not in (None, "0->1", "1->0"):
+        sender, receiver = (int(x) for x in fault["link"].split("->"))
+        yield {**fault, "link": "0->1" if receiver > sender else "1->0"}
+    if fault.get("replica"):
+        yield {**fault, "replica": 0}
     for key in POINT_DETAILS:
         if key in fault:
             yield {k: v for k, v in fault.items() if k != key}
