@@ -107,6 +107,8 @@ def _draw_fault(rng: random.Random, train: dict[str, Any], shape: dict[str, Any]
         if not on_coordinator:
             fault.update(_finer_point(rng, shape, stage, replicas))
             fault = {key: value for key, value in fault.items() if value is not None}
+        elif rng.random() < 0.5:  # a stall in the middle of a step rather than between two
+            fault["during_step"] = True
         if kind == "kill":
             names = COORDINATOR_SIGNALS if on_coordinator else WORKER_SIGNALS
             if "at_reduce" in fault or "at_resume" in fault:

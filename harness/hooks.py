@@ -114,6 +114,9 @@ class HarnessHooks(hooks.Hooks):
     def at_boundary(self, step: int) -> None:
         self._park("at_boundary", hooks.Place(COORDINATOR), step)
 
+    def step_started(self, step: int) -> None:
+        self._park("step_started", hooks.Place(COORDINATOR), step, point="during_step")
+
     # -- steps -------------------------------------------------------------------------------
 
     def before_step(self, place: hooks.Place, step: int) -> None:

@@ -32,7 +32,7 @@ from pipetrain_harness.faults.base import Context, Fault, FaultError, Landing, L
 from pipetrain_harness.points import Place, races
 
 PARK_HOOKS = ("before_step", "before_action", "before_reduce", "state_restored", "at_boundary",
-              "checkpoint_phase")
+              "step_started", "checkpoint_phase")
 COUNT_CHECKPOINTS = -1  # the id of the plan entry that only counts committed checkpoints
 
 

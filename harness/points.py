@@ -12,6 +12,8 @@ key                   the point
 ``at_action = "B2"``  with ``at_step``, on a stage: before that schedule action of step N, in the
                       schedule's own notation (``"1B2"`` with the stage is accepted too)
 ``at_reduce = L``     with ``at_step``, on a replicated stage: before the all-reduce of layer L
+``during_step``       with ``at_step``, on the coordinator: step N has been sent to every worker
+                      and the coordinator is about to wait for their results (``step_started``)
 ``at_resume = true``  on a stage: it has just loaded a checkpoint (after a restart or --resume)
 ``after_checkpoint``  ``damage_checkpoint``: the K-th checkpoint has just been committed (the
                       coordinator waits); ``checkpoint_crash``: during the next checkpoint, at
@@ -41,8 +43,8 @@ COORDINATOR = "coordinator"
 STAGE = "stage"
 PHASES = ("segment_written", "segments_written", "manifest_written", "committed")
 STAGE_PHASES = ("segment_written",)
-POINT_KEYS = ("at_step", "at_action", "at_reduce", "at_resume", "after_checkpoint", "phase",
-              "at_microbatch", "when", "generation")
+POINT_KEYS = ("at_step", "at_action", "at_reduce", "during_step", "at_resume",
+              "after_checkpoint", "phase", "at_microbatch", "when", "generation")
 TARGET_PATTERN = re.compile(r"coordinator|random_worker|stage:(\d+)(?::replica:(\d+))?")
 ACTION_PATTERN = re.compile(r"(\d*)([FBIW])(\d+)")
 
@@ -127,7 +129,8 @@ class Point:
         """When this point is reached in a worker, as far as other processes are concerned:
         two faults in different processes at the same moment would land in an order timing
         decides. None: in the coordinator, or at launch (never concurrent)."""
-        if self.hook in ("at_boundary", "launch") or (self.hook == "checkpoint_phase"
+        if self.hook in ("at_boundary", "step_started", "launch") or (
+                self.hook == "checkpoint_phase"
                                                       and self.phase not in STAGE_PHASES):
             return None
         if self.hook == "state_restored":
@@ -143,6 +146,8 @@ class Point:
             return "at resume"
         if self.hook == "checkpoint_phase":
             return f"at {self.phase} of checkpoint number {self.checkpoint}"
+        if self.hook == "step_started":
+            return f"during step {self.step} (its command sent)"
         text = f"at step {self.step}"
         if self.action:
             text += f" action {self.action}"
@@ -179,6 +184,16 @@ def step_point(table: dict[str, Any], where: str, *, coordinator: bool,
         return Point("state_restored", generation=generation)
     if step is None:
         step = default_step
+    during = table.get("during_step")
+    if during is not None:
+        if during is not True:
+            raise PointError(f"{where}: during_step must be true, got {during!r}")
+        if not coordinator:
+            raise PointError(f"{where}: during_step: a stage's points in a step are at_action "
+                             f"and at_reduce; during_step is the coordinator's")
+        if "at_step" not in table:
+            raise PointError(f"{where}: during_step needs at_step (the step it is in)")
+        return Point("step_started", step=step, generation=generation)
     action, layer = table.get("at_action"), _int(table, "at_reduce", where, 0)
     if coordinator and (action is not None or layer is not None):
         key = "at_action" if action is not None else "at_reduce"

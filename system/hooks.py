@@ -22,6 +22,7 @@ point                     process        when
 ``worker_command``        coordinator    before spawning a worker: its command line
 ``quiet_boundary``        coordinator    a step's results are in: may the next one start early?
 ``at_boundary``           coordinator    at a step boundary, before signals are acted on
+``step_started``          coordinator    a step's command sent to every worker, results awaited
 ``checkpoint_phase``      both           after each phase of writing a checkpoint
 ``worker_ready``          worker         set-up done, about to report ready
 ``state_restored``        worker         parameters and optimizer state loaded (resume, restart)
@@ -81,6 +82,11 @@ class Hooks:
     def at_boundary(self, step: int) -> None:
         """A step boundary with no step in flight (``step`` steps done), before pending
         signals are read: a signal delivered while this runs is acted on at this boundary."""
+
+    def step_started(self, step: int) -> None:
+        """Step ``step`` has been sent to every worker; the coordinator is about to wait for
+        their results (the workers are at work: a stall of the coordinator here is one in the
+        middle of a step)."""
 
     def checkpoint_phase(self, place: Place, step: int, phase: str) -> None:
         """A checkpoint of ``step`` reached ``phase``: ``segment_written`` (a stage wrote and

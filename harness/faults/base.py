@@ -33,8 +33,8 @@ from pipetrain_harness.points import (
     resolve_target,
 )
 
-STEP_KEYS = {"at_step": int, "at_action": str, "at_reduce": int, "at_resume": bool,
-             "generation": int}
+STEP_KEYS = {"at_step": int, "at_action": str, "at_reduce": int, "during_step": bool,
+             "at_resume": bool, "generation": int}
 CHECKPOINT_KEYS = {"after_checkpoint": int, "phase": str, "generation": int}
 FRAME_KEYS = {"at_step": int, "at_microbatch": int, "when": str, "generation": int}
 IN_STAGE_KEYS = {"at_step": int, "generation": int}

@@ -155,7 +155,9 @@ def test_points_match_place_action_generation_and_checkpoint_phase(rendezvous):
         {"id": 1, "hook": "checkpoint_phase", "role": "coordinator", "stage": None,
          "replica": None, "phase": "manifest_written"},
         {"id": 2, "hook": "at_boundary", "role": "coordinator", "stage": None,
-         "replica": None, "step": 6}])
+         "replica": None, "step": 6},
+        {"id": 3, "hook": "step_started", "role": "coordinator", "stage": None,
+         "replica": None, "step": 7}])
     harness = HarnessHooks(plan)
     action = Action(1, Op.BACKWARD, 2)
     harness.before_action(STAGE_1, 3, action)  # generation 0: not this one
@@ -165,8 +167,10 @@ def test_points_match_place_action_generation_and_checkpoint_phase(rendezvous):
     harness.checkpoint_phase(hooks.Place(hooks.COORDINATOR), 8, "manifest_written")
     harness.at_boundary(5)
     harness.at_boundary(6)
+    harness.step_started(6)
+    harness.step_started(7)
     assert [(r["ids"], r["point"]) for r in recorder.requests] == [
-        ([0], "1B2"), ([1], "manifest_written"), ([2], "boundary")]
+        ([0], "1B2"), ([1], "manifest_written"), ([2], "boundary"), ([3], "during_step")]
     assert recorder.requests[1]["checkpoint_step"] == 8
 
 

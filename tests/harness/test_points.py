@@ -39,6 +39,9 @@ def test_finer_points():
     assert (action.hook, action.action) == ("before_action", "W1")
     reduce = step_point({"at_step": 4, "at_reduce": 2}, "f", coordinator=False)
     assert reduce.entry(3, STAGE_1)["layer"] == 2
+    during = step_point({"at_step": 4, "during_step": True}, "f", coordinator=True)
+    assert during.entry(0, Place(COORDINATOR))["step"] == 4  # step 4 sent, results awaited
+    assert during.hook == "step_started" and during.moment() is None
     resume = step_point({"at_resume": True, "generation": 1}, "f", coordinator=False)
     assert resume.entry(0, STAGE_0) == {"id": 0, "hook": "state_restored", "role": "stage",
                                         "stage": 0, "replica": 0, "generation": 1}
@@ -59,6 +62,10 @@ def test_a_point_that_cannot_be_named_is_refused_naming_the_key():
             step_point(table, "f", coordinator=False)
     with pytest.raises(PointError, match="at_resume"):
         step_point({"at_resume": True}, "f", coordinator=True)
+    with pytest.raises(PointError, match="during_step"):
+        step_point({"at_step": 3, "during_step": True}, "f", coordinator=False)
+    with pytest.raises(PointError, match="at_step"):
+        step_point({"during_step": True}, "f", coordinator=True)
     with pytest.raises(PointError, match="when"):
         frame_point({"when": "after"}, "f", when=False)
 
