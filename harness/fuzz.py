@@ -63,8 +63,12 @@ def _draw(rng: random.Random, index: int, seed: int, plant: str | None) -> dict[
         "heartbeat_timeout": HEARTBEAT_S, "seed": rng.randint(0, 1000),
     }
     shape = _shape(train)
+    # Distinct steps and checkpoints: faults in different processes never share a moment, and
+    # no fault lands on a process another one has just ended at the same point.
     steps = list(range(2, shape["total"]))
-    rng.shuffle(steps)  # distinct steps: faults in different processes never share a moment
+    shape["checkpoints"] = list(range(max(1, shape["total"] // train["checkpoint_every"] - 1)))
+    rng.shuffle(steps)
+    rng.shuffle(shape["checkpoints"])
     faults = [_draw_fault(rng, train, shape, steps.pop()) for _ in range(rng.randint(1, 3))]
     if plant:
         bug = {"kind": "planted_bug", "bug": plant}
@@ -122,8 +126,10 @@ def _draw_fault(rng: random.Random, train: dict[str, Any], shape: dict[str, Any]
             fault.update(signals=signals, count=rng.choice([1, 50, 500]), rate_per_s=0.0)
         return fault
     periodic = shape["total"] // train["checkpoint_every"]
+    if kind == "checkpoint_crash" and not shape["checkpoints"]:
+        kind = "damage_checkpoint"
     if kind == "checkpoint_crash":
-        after = rng.randrange(max(1, periodic - 1))  # a checkpoint that surely comes
+        after = shape["checkpoints"].pop()  # the one after it surely comes
         if on_coordinator:
             return {"kind": kind, "target": "coordinator", "after_checkpoint": after,
                     "phase": rng.choice(COORDINATOR_PHASES)}
