@@ -15,6 +15,10 @@ seen once are followed after they leave the tree (an orphan is reparented away f
 so the leak report still finds them. A process forked and orphaned between two samples is
 invisible to the tree walk; for those the launch environment can carry ``Baseline.env()``, a
 unique token every descendant inherits, and the leak report also looks for it in /proc.
+
+Sampling from outside cannot judge the fds of a process that lives less than two ticks; every
+process of a run also samples itself as it starts and as it exits (``pipetrain_harness.probes``),
+and ``leak_report`` leaves the fds of the processes judged that way to those samples.
 """
 
 from __future__ import annotations
