@@ -80,7 +80,8 @@ def resolve_places(faults: list[Fault], shape: RunShape,
     if clash is not None:
         first, second = (faults[i] for i in clash)
         raise FaultError(f"{second.where}: lands {second.point.describe()} on "
-                         f"{places[clash[1]]}, at the same moment as {first.where} on "
+                         f"{places[clash[1]]}, at the same moment as "
+                         f"{first.where.rsplit(': ', 1)[-1]} on "
                          f"{places[clash[0]]}: which comes first would be up to the "
                          f"scheduler; give them different points")
     return places
