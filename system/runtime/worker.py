@@ -159,6 +159,7 @@ class Worker:
         parts = self.parts
         stage, place, hooks_now = parts.stage, parts.place, hooks.current()
         hooks_now.before_step(place, step)
+        self._leave_if_terminated()
         started = time.perf_counter()
         waited = 0.0
         # begin_step swaps in the gradient arrays of two steps ago: they must be hashed by now
@@ -167,6 +168,7 @@ class Worker:
         stage.begin_step(step)
         for action in parts.actions:
             hooks_now.before_action(place, step, action)
+            self._leave_if_terminated()
             source = stage.needs_input(action)
             received = None
             if source is not None:
@@ -201,6 +203,14 @@ class Worker:
             compute_s=elapsed - waited - reduce_s - (data_wait or 0.0),
             wait_neighbours_s=waited, allreduce_s=reduce_s, wait_data_s=data_wait,
             loader_depth=depth))
+
+    def _leave_if_terminated(self) -> None:
+        """A SIGTERM that arrived before a step or an action ends the worker there, before
+        that work starts: otherwise whether the work got done would depend on whether its
+        input happened to be queued already (a queued frame is taken without looking at the
+        flag), and the same signal at the same point could end the step or not."""
+        if self.terminate:
+            raise InterruptedError("SIGTERM")
 
     def send_to(self, direction: str, kind: Kind, step: int, index: int,
                 data: np.ndarray) -> None:

@@ -236,6 +236,8 @@ class TrainingRun:
             return False
         if self.config.checkpoint_every and step % self.config.checkpoint_every == 0:
             return False
+        if hooks.current().quiet_boundary(step):
+            return False
         self.coordinator.check_signals()
         requests = self.signals.requests
         return not (requests.paused or requests.checkpoint or requests.stop)
