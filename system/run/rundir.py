@@ -15,14 +15,14 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipetrain.run.lock import RunLock
-from pipetrain.run.storage import RunDirError, writing
+from pipetrain.run.storage import RunDirError, StorageError, writing
 
 
 def default_run_dir(command: str) -> Path:
@@ -115,6 +115,8 @@ class RunDir:
                                   f"({exc.strerror})") from None
         self.state: dict[str, Any] = {}
         self._events: int | None = None
+        # Called with every event once it is written: the terminal, metrics.csv, TensorBoard.
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
 
     @property
     def run_json(self) -> Path:
@@ -150,9 +152,21 @@ class RunDir:
                 with contextlib.suppress(OSError):  # no half line stays behind
                     os.ftruncate(self._events, size)
                 raise
+        for listener in self.listeners:
+            try:
+                listener(record)
+            except OSError as exc:  # metrics.csv and the like: the same one line
+                raise StorageError.from_os_error(
+                    exc, getattr(listener, "path", self.path)) from None
         return record
 
     def close(self) -> None:
+        listeners, self.listeners = self.listeners, []
+        for listener in listeners:
+            close = getattr(listener, "close", None)
+            if close is not None:
+                with contextlib.suppress(OSError):  # a full disk: the run has said so already
+                    close()
         if self._events is not None:
             os.close(self._events)
             self._events = None

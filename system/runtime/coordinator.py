@@ -140,8 +140,7 @@ class Coordinator:
             **fields)
 
     def hand_regions(self, workers: list[WorkerHandle]) -> None:
-        """Each of ``workers`` sent its snapshot region's fd before its ``Ready``: give it to
-        the worker that holds it, and close the coordinator's copy."""
+        """Give each new snapshot region to the worker that holds it (``hand_region``)."""
         for worker in workers:
             if worker.region:
                 hand_region(self, worker)
@@ -328,6 +327,7 @@ class Coordinator:
 
     def start_step(self, step: int) -> None:
         self.broadcast(messages.Step(step=step))
+        hooks.current().step_started(step)
 
     def finish_step(self, step: int) -> tuple[float, list[messages.StepDone]]:
         """Wait for every ``StepDone`` of ``step``; the loss and the replies. The digests may

@@ -7,14 +7,30 @@ one is here, the MPI one in ``pipetrain.runtime.mpi_launcher``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import signal
 import sys
 from typing import Any, Protocol
 
 from pipetrain.runtime import messages
 from pipetrain.runtime.courier import Courier
+from pipetrain.status import ExitCode
 from pipetrain.wire.channel import Channel
 from pipetrain.wire.pipe import PipeChannel
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL us when the coordinator dies (Linux only; EOF is the backstop)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(ExitCode.FAILED)
 
 
 class Transport(Protocol):

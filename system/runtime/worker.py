@@ -31,7 +31,6 @@ SIGTERM.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import sys
@@ -51,8 +50,10 @@ from pipetrain.runtime import messages
 from pipetrain.runtime.background import JobFailed
 from pipetrain.runtime.courier import Courier
 from pipetrain.runtime.inbox import Inbox, InboxClosed, InboxFailure, PeerClosed, Receivers
+from pipetrain.runtime.proctitle import set_title, stage_title
 from pipetrain.runtime.snapshot import peek_steps
-from pipetrain.runtime.transport import PipeTransport, Transport
+from pipetrain.runtime.topology import Position
+from pipetrain.runtime.transport import PipeTransport, Transport, die_with_parent
 from pipetrain.runtime.worker_setup import Parts, build_parts, receive_frame
 from pipetrain.status import ExitCode
 from pipetrain.threads import start_helper
@@ -60,22 +61,10 @@ from pipetrain.wire.channel import Channel, ChannelClosed
 from pipetrain.wire.frames import Kind, ProtocolError
 from pipetrain.wire.pipe import PipeChannel
 
-PR_SET_PDEATHSIG = 1
 CONTROL = "control"
 # A terminal's Ctrl-C and Ctrl-Z reach the whole foreground process group; in a worker they
 # would kill or stop one stage behind the coordinator's back.
 IGNORED_SIGNALS = (signal.SIGINT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
-
-
-def die_with_parent() -> None:
-    """Ask the kernel to SIGKILL us when the coordinator dies (Linux only; EOF is the backstop)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os._exit(ExitCode.FAILED)
 
 
 class Worker:
@@ -142,6 +131,7 @@ class Worker:
         parts = self.parts
         stage, place, hooks_now = parts.stage, parts.place, hooks.current()
         hooks_now.before_step(place, step)
+        self._leave_if_terminated()
         started = time.perf_counter()
         waited = 0.0
         # begin_step swaps in the gradient arrays of two steps ago: they must be hashed by now
@@ -150,6 +140,7 @@ class Worker:
         stage.begin_step(step)
         for action in parts.actions:
             hooks_now.before_action(place, step, action)
+            self._leave_if_terminated()
             source = stage.needs_input(action)
             received = None
             if source is not None:
@@ -186,6 +177,14 @@ class Worker:
             compute_s=elapsed - waited - reduce_s - (data_wait or 0.0),
             wait_neighbours_s=waited, allreduce_s=reduce_s, wait_data_s=data_wait,
             loader_depth=depth))
+
+    def _leave_if_terminated(self) -> None:
+        """A SIGTERM that arrived before a step or an action ends the worker there, before
+        that work starts: otherwise whether the work got done would depend on whether its
+        input happened to be queued already (a queued frame is taken without looking at the
+        flag), and the same signal at the same point could end the step or not."""
+        if self.terminate:
+            raise InterruptedError("SIGTERM")
 
     def send_to(self, direction: str, kind: Kind, step: int, index: int,
                 data: np.ndarray) -> None:
@@ -272,6 +271,7 @@ class Worker:
             self.parts = build_parts(init, self.transport, self.inbox, self._report_digests,
                                      self.alive)
             self.name = str(self.parts.place)
+            set_title(stage_title(Position(init.stage, init.replica), init.num_stages))
             self.heartbeat_thread = start_helper(
                 self._heartbeat, name="heartbeat",
                 args=(init.heartbeat_interval_s, init.heartbeat_timeout_s))
@@ -367,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     die_with_parent()
     ignore_job_control()
+    set_title("pipetrain: worker (starting)")
     worker = Worker(PipeChannel(int(argv[0]), int(argv[1]), name="control"),
                     PipeTransport(Courier.from_fd(int(argv[2]), name="courier")))
 
