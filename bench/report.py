@@ -150,8 +150,9 @@ def markdown(results: dict) -> str:
     if recovery and "median_s" in recovery:
         lines += ["## Recovery after a kill", "",
                   f"{recovery['kills']} kills: median {recovery['median_s']:.3f} s, "
-                  f"min {recovery['min_s']:.3f} s, max {recovery['max_s']:.3f} s "
-                  f"({recovery['how']}).", ""]
+                  f"min {recovery['min_s']:.3f} s, max {recovery['max_s']:.3f} s; steps lost: "
+                  f"median {recovery.get('median_steps_lost', '?')}, max "
+                  f"{recovery.get('max_steps_lost', '?')} ({recovery['how']}).", ""]
     startup = results.get("startup")
     if startup and "to_run_start_s" in startup:
         a, b = startup["to_run_start_s"], startup.get("to_first_step_s", {})

@@ -305,14 +305,13 @@ def run_recovery(args: argparse.Namespace) -> dict:
     from . import recovery
 
     kills = args.kills or (1 if args.quick else 20)
-    times = recovery.measure(kills)
-    if not times:
+    found = recovery.measure(kills)
+    if not found:
         return {"kills": kills, "error": "no restart events"}
-    return {"kills": len(times), "median_s": statistics.median(times), "min_s": min(times),
-            "max_s": max(times), "samples_s": times,
-            "how": "bench/recovery.py: SIGKILL a random worker of a 3-stage digits run every "
-                   "5-15 steps; recovery_s of each restart event (failure seen -> first step "
-                   "done after the restart)"}
+    return {**recovery.summary(found),
+            "how": "bench/recovery.py: SIGKILL a random worker of a 3-stage digits run with the "
+                   "defaults (no --checkpoint-every) every 5-15 steps; recovery_s (failure "
+                   "seen -> first step done after it) and steps_lost of each restart event"}
 
 
 def run_startup(args: argparse.Namespace, workdir: Path) -> dict:

@@ -20,7 +20,8 @@ from typing import Any
 
 # Keys that timing, the machine or the run directory decide.
 DROPPED = {"t", "source", "metrics", "message", "cause", "error", "traceback", "config", "pid",
-           "pids", "worker_pids", "host", "hosts", "path_abs"}
+           "pids", "worker_pids", "host", "hosts", "path_abs",
+           "survivor_steps"}  # whether a survivor had finished the step in flight: timing
 DROPPED_BY_EVENT = {"worker_exit": {"returncode"}}
 # Harness operations that belong to the canonical history, with the keys kept.
 OPS = {

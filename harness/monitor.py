@@ -36,7 +36,8 @@ import psutil
 from pipetrain.threads import block_control_signals
 
 MARKER_ENV = "PIPETRAIN_HARNESS_TOKEN"
-FD_GROWTH_LIMIT = 16  # more new fds than this over a process's life counts as a leak
+FD_GROWTH_LIMIT = 32  # more new fds than this over a process's life counts as a leak
+# (a coordinator keeps three per worker, control pipes and courier, and three for its spare)
 MB = 1024 * 1024
 
 

@@ -36,6 +36,7 @@ from pipetrain.config import (  # noqa: E402
 )
 from pipetrain.data.datasets import NORMALIZATIONS  # noqa: E402
 from pipetrain.nn.optim import OPTIMIZERS  # noqa: E402
+from pipetrain.run.storage import StorageError  # noqa: E402
 from pipetrain.status import ACTIVE_STATES, ExitCode, UserError  # noqa: E402
 from pipetrain.threads import CONTROL_SIGNALS  # noqa: E402
 
@@ -193,14 +194,19 @@ def _read_run(run_dir: str) -> dict[str, Any]:
 
 
 def send_control(command: str, run_dir: str) -> int:
+    """Signal the run's coordinator: only the process holding the run directory's lock, if it
+    is the pid run.json names and started when run.json says (``pipetrain.run.lock``)."""
+    from pipetrain.run.lock import signal_coordinator
+
     state = _read_run(run_dir)
     pid = state.get("coordinator_pid")
     if state.get("state") not in ACTIVE_STATES or not pid:
         raise UsageError(f"{run_dir}: the run is not running (state: {state.get('state')})")
-    try:
-        os.kill(int(pid), SIGNALS[command])
-    except ProcessLookupError:
-        raise UsageError(f"{run_dir}: coordinator pid {pid} is gone") from None
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        raise UsageError(f"{run_dir}/run.json: coordinator_pid {pid!r} is not a pid")
+    ticks = state.get("coordinator_start_ticks")
+    signal_coordinator(Path(run_dir), pid, ticks if isinstance(ticks, int) else None,
+                       SIGNALS[command])
     print(f"sent {SIGNALS[command].name} to coordinator pid {pid}")
     return ExitCode.OK
 
@@ -278,8 +284,14 @@ def prepare_run(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
 
 
 def _prepare(args: argparse.Namespace):  # -> pipetrain.train.api.Prepared
+    from pipetrain.run.lock import busy, lock_holder
     from pipetrain.train.api import prepare
 
+    if args.run_dir and Path(args.run_dir).exists() and not Path(args.run_dir).is_dir():
+        raise UsageError(f"{args.run_dir}: cannot be used as a run directory (it is a file, "
+                         "not a directory)")
+    if args.run_dir and lock_holder(Path(args.run_dir)) is not None:  # a live run: at once
+        raise busy(Path(args.run_dir), lock_holder(Path(args.run_dir)))
     options = {key: getattr(args, key, None) for key in TrainConfig.__dataclass_fields__}
     return prepare(args.command, args.config, options, resume=getattr(args, "resume", False))
 
@@ -343,6 +355,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except UserError as exc:
         print(f"pipetrain: error: {exc}", file=sys.stderr)
         status = ExitCode.USAGE
+    except StorageError as exc:  # a write the disk refused (the run itself reports its own)
+        print(f"pipetrain: error: {exc}", file=sys.stderr)
+        status = ExitCode.FAILED
     except KeyboardInterrupt:
         print("pipetrain: aborted", file=sys.stderr)
         status = ExitCode.ABORTED

@@ -24,12 +24,14 @@ point                     process        when
 ``at_boundary``           coordinator    at a step boundary, before signals are acted on
 ``step_started``          coordinator    a step's command sent to every worker, results awaited
 ``checkpoint_phase``      both           after each phase of writing a checkpoint
+``recovery_phase``        both           at each phase of replacing a failed worker in place
 ``worker_ready``          worker         set-up done, about to report ready
 ``state_restored``        worker         parameters and optimizer state loaded (resume, restart)
 ``before_step``           worker         step N's command received, before any of its work
 ``before_action``         worker         before each schedule action of a step
 ``before_reduce``         worker         on the all-reduce thread, before a layer's reduction
 ``after_update``          worker         the step's optimizer update applied
+``snapshot_copy``         worker         on the snapshot thread, before a step's state is copied
 ``wrap_channel``          worker         a link to a neighbour opened: may wrap the channel
 ``loader_item``           worker         in a loader thread, before preparing a micro-batch
 ========================  =============  ====================================================
@@ -49,7 +51,10 @@ STAGE = "stage"
 @dataclass(frozen=True)
 class Place:
     """Which process calls a hook: the coordinator, or stage ``stage`` of replica ``replica``
-    in worker group ``generation`` (0 for the first group, counting up with every restart)."""
+    in ``generation`` (0 for the first group, counting up with every recovery, in place or of
+    the whole group: the survivors of an in-place recovery move to the new generation too).
+    A spare worker, started before it knows its position, has ``stage`` and ``replica`` None
+    (``worker_command`` only)."""
 
     role: str
     stage: int | None = None
@@ -93,6 +98,13 @@ class Hooks:
         fsynced its file), then on the coordinator ``segments_written``, ``manifest_written``
         and ``committed`` (renamed into place)."""
 
+    def recovery_phase(self, place: Place, step: int, phase: str) -> None:
+        """An in-place recovery to the end of ``step`` (``pipetrain.runtime.recovery``)
+        reached ``phase``: on the coordinator ``planned`` (the survivors halted, the step
+        chosen) and ``recovered`` (everyone restored or ready); on a worker, survivor or
+        replacement, ``state_transfer`` (its state is that of ``step``, its new links are
+        open, the replicas of its stage are about to take one replica's state)."""
+
     # -- a worker ----------------------------------------------------------------------------
 
     def worker_ready(self, place: Place) -> None:
@@ -116,6 +128,11 @@ class Hooks:
     def after_update(self, place: Place, step: int, stage: Any) -> None:
         """The optimizer update of step ``step`` has been applied to ``stage``'s parameters
         (the step's gradient digests are already taken)."""
+
+    def snapshot_copy(self, place: Place, step: int) -> None:
+        """On the snapshot thread: the state of step ``step`` is about to be copied into the
+        worker's in-memory snapshot region (``pipetrain.runtime.snapshot``); the main thread
+        goes on meanwhile, up to the next update."""
 
     def wrap_channel(self, place: Place, peer: Place, channel: Any) -> Any:
         """The link from ``place`` to its neighbour ``peer`` is open; returns the channel to

@@ -101,6 +101,11 @@ class Stage:
         self._weight_passes = 0
         self._step = step
 
+    def discard_step(self) -> None:
+        """Forget a step abandoned half-way (in-place recovery): its micro-batches in flight."""
+        self.segment.saved.clear()
+        self._logit_grads.clear()
+
     def needs_input(self, action: Action) -> str | None:
         """Which neighbour's frame ``action`` consumes, or None if it needs none."""
         if action.op is Op.FORWARD:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from pipetrain.run.rundir import fsync_dir, write_atomic
+from pipetrain.run.storage import writing
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -46,6 +47,7 @@ class Manifest:
     files: dict[str, str]  # file name -> sha256
     config: dict[str, Any]  # the keys that decide the numbers
     config_digest: str
+    data: dict[str, Any] | None = None  # the dataset file and the sha256 of its content
 
     def segment_files(self) -> list[Path]:
         return [self.path / name for name in sorted(self.files)]
@@ -70,35 +72,45 @@ def write_segment(directory: Path, index: int, params: dict[str, np.ndarray],
     arrays = {f"param.{key}": value for key, value in params.items()}
     arrays.update({f"optim.{key}": value for key, value in optim_state.items()})
     path = directory / name
-    with open(path, "wb") as handle:
-        np.savez(handle, **arrays)
-        handle.flush()
-        os.fsync(handle.fileno())
-    return name, file_sha256(path)
+    with writing(path):  # a full disk: one line naming the file (StorageError)
+        with open(path, "wb") as handle:
+            np.savez(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return name, file_sha256(path)
 
 
 def begin(checkpoints: Path, step: int) -> Path:
     tmp = checkpoints / f".{step_dir_name(step)}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    with writing(tmp):
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
     return tmp
 
 
+def abandon(tmp: Path) -> None:
+    """Remove a checkpoint that will not be committed (best effort: the next start removes
+    any leftover, see :func:`remove_stale_temporaries`)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def commit(tmp: Path, *, step: int, epoch: int, files: dict[str, str], config: dict[str, Any],
-           config_digest: str, on_phase: Callable[[str], None] = lambda phase: None) -> Path:
+           config_digest: str, data: dict[str, Any] | None = None,
+           on_phase: Callable[[str], None] = lambda phase: None) -> Path:
     """Write the manifest into ``tmp`` and rename it into place; ``on_phase`` is told of each
-    phase done (``manifest_written``, ``committed``)."""
+    phase done (``manifest_written``, ``committed``). ``data``: the dataset's digest."""
     manifest = {"format": FORMAT, "step": step, "epoch": epoch, "data_position": {"step": step},
                 "rng": {"derived_from_seed": config.get("seed")}, "config": config,
-                "config_digest": config_digest, "files": files}
+                "config_digest": config_digest, "data": data, "files": files}
     write_atomic(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     on_phase("manifest_written")
     final = tmp.parent / step_dir_name(step)
-    if final.exists():  # the same step checkpointed twice (a request at a periodic step)
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    fsync_dir(tmp.parent)
+    with writing(final):
+        if final.exists():  # the same step checkpointed twice (a request at a periodic step)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        fsync_dir(tmp.parent)
     on_phase("committed")
     return final
 
@@ -110,6 +122,7 @@ def verify(path: Path) -> Manifest:
         data = json.loads(manifest_path.read_text(encoding="utf-8"))
         step, epoch, files = int(data["step"]), int(data["epoch"]), dict(data["files"])
         config, config_digest = dict(data["config"]), str(data["config_digest"])
+        data_digest = data.get("data")
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no {MANIFEST}") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -128,7 +141,7 @@ def verify(path: Path) -> Manifest:
                 f"{file_path}: sha256 {actual[:12]}... does not match the manifest's "
                 f"{expected[:12]}... (damaged or truncated)"
             )
-    return Manifest(path, step, epoch, files, config, config_digest)
+    return Manifest(path, step, epoch, files, config, config_digest, data_digest)
 
 
 def find_intact(checkpoints: Path) -> tuple[Manifest | None, list[str]]:

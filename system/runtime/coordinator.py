@@ -20,7 +20,13 @@ thread only ever waits in ``poll`` on the control channels and the signal pipe, 
 death (end-of-file on its control pipe) or error is seen at once and becomes a
 :class:`~pipetrain.runtime.diagnosis.WorkerFailed`, never a hang. Who starts the workers is the
 :class:`~pipetrain.runtime.launcher.Launcher`'s business; who is to blame is
-``pipetrain.runtime.diagnosis``'s.
+``pipetrain.runtime.diagnosis``'s; replacing one worker while the others run on is
+``pipetrain.runtime.recovery``'s.
+
+Silence is judged with care: only a worker with nothing waiting in its pipe can be silent, and
+only time the coordinator spent watching counts. A ``poll`` that returns much later than asked,
+or a long absence from the loop, means the coordinator was not running (SIGSTOP, a VM pause):
+every worker's clock moves on by that gap instead of one being blamed.
 """
 
 from __future__ import annotations
@@ -39,11 +45,13 @@ from pipetrain.nn.digest import combine
 from pipetrain.pipeline.partition import layer_costs, measured_layer_costs, partition
 from pipetrain.pipeline.schedule import build as build_schedule
 from pipetrain.pipeline.schedule import validate as validate_schedule
-from pipetrain.run import checkpoint
 from pipetrain.run.rundir import RunDir
 from pipetrain.runtime import messages
+from pipetrain.runtime.checkpointing import write_checkpoint
+from pipetrain.runtime.courier import close_all
 from pipetrain.runtime.diagnosis import WorkerFailed, failure, root_cause
 from pipetrain.runtime.launcher import Launcher, WorkerHandle
+from pipetrain.runtime.recovery import Outcome, Recovery, hand_region
 from pipetrain.runtime.signals import SignalControl
 from pipetrain.runtime.topology import Grid, Position
 from pipetrain.wire.channel import ChannelClosed, ChannelTimeout
@@ -52,6 +60,8 @@ from pipetrain.wire.frames import Kind, ProtocolError
 COORDINATOR = hooks.Place(hooks.COORDINATOR)
 # (worker, message) -> None: what pump() does with a message it does not absorb itself
 Handler = Callable[[WorkerHandle, messages.Message], None]
+# Unwatched time (the loop not running) beyond this moves the workers' silence clocks on.
+GAP_S = 0.25
 
 
 class Aborted(Exception):
@@ -87,6 +97,12 @@ class Coordinator:
         self._digests: dict[int, dict[int, list[str | None]]] = {}
         self.generation = 0  # how many worker groups were started: 0 first, then restarts
         self.op_timeout_s = config.op_timeout_s
+        self.snapshots = launcher.replaceable  # in-memory snapshots, for in-place recovery
+        # Snapshot regions this process holds: only a grid of one worker has no peer to do it.
+        self.held_regions: dict[Position, int] = {}
+        self._last_tick: float | None = None  # the loop last ran at this time
+        self.data_digest: dict | None = None  # the dataset's content, for every manifest
+        self.departed: list[WorkerHandle] = []  # failed in a recovery, exit not reported yet
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -94,20 +110,54 @@ class Coordinator:
         """Start every worker of the S x R grid, send each its ``Init``, and wait until all are
         ready. With ``resume_from`` (a verified checkpoint directory) every stage loads its
         parameters and optimizer state from it instead of initialising them from the seed."""
+        self.release_regions()
         self.workers = self.launcher.start(self.grid, self.bounds, self.log_path,
                                            self.generation)
-        config = self.config
         for worker in self.workers:
-            self.send(worker, messages.Init(
-                config=config.to_json(), stage=worker.index, replica=worker.replica,
-                num_stages=config.stages, layers=list(worker.layers), links=worker.endpoints,
-                op_timeout_s=self.op_timeout_s,
-                heartbeat_interval_s=min(1.0, config.heartbeat_timeout / 5),
-                heartbeat_timeout_s=config.heartbeat_timeout, generation=self.generation,
-                start_step=start_step, resume_from=str(resume_from) if resume_from else None,
-                log_path=str(worker.log_path)))
-        self.collect(messages.Ready)
+            self.send(worker, self.init_message(
+                worker, start_step=start_step,
+                state_source="checkpoint" if resume_from else "init",
+                resume_from=str(resume_from) if resume_from else None))
+        self.await_ready(self.workers)
         self.generation += 1
+
+    def await_ready(self, workers: list[WorkerHandle]) -> None:
+        """Wait for the ``Ready`` of ``workers`` (just started), then place their regions."""
+        replies = self.collect(messages.Ready, workers=workers)
+        for worker, reply in zip(workers, replies, strict=True):
+            worker.ready, worker.region = True, reply.region
+        self.hand_regions(workers)
+
+    def init_message(self, worker: WorkerHandle, **fields) -> messages.Init:
+        config = self.config
+        return messages.Init(
+            config=config.to_json(), stage=worker.index, replica=worker.replica,
+            num_stages=config.stages, layers=list(worker.layers), links=worker.endpoints,
+            op_timeout_s=self.op_timeout_s,
+            heartbeat_interval_s=min(1.0, config.heartbeat_timeout / 5),
+            heartbeat_timeout_s=config.heartbeat_timeout, generation=self.generation,
+            log_path=str(worker.log_path), fds=list(worker.fds), snapshots=self.snapshots,
+            **fields)
+
+    def hand_regions(self, workers: list[WorkerHandle]) -> None:
+        """Give each new snapshot region to the worker that holds it (``hand_region``)."""
+        for worker in workers:
+            if worker.region:
+                hand_region(self, worker)
+
+    def release_regions(self) -> None:
+        close_all(list(self.held_regions.values()))
+        self.held_regions.clear()
+
+    def take_departed(self) -> list[WorkerHandle]:
+        """The workers a recovery took out (exited), each reported once."""
+        departed, self.departed = self.departed, []
+        return departed
+
+    def clear_results(self) -> None:
+        """Forget step results: a new or recovered group reports afresh."""
+        self._done.clear()
+        self._digests.clear()
 
     def log_path(self, at: Position) -> Path:
         suffix = f"-replica-{at.replica}" if self.config.replicas > 1 else ""
@@ -122,9 +172,8 @@ class Coordinator:
         """
         stopped, self.workers = self.workers, []
         self.launcher.stop(stopped, graceful=graceful)
-        # A new group reports afresh.
-        self._done.clear()
-        self._digests.clear()
+        self.release_regions()
+        self.clear_results()
         return stopped
 
     @property
@@ -144,8 +193,11 @@ class Coordinator:
         for worker in self.workers:
             self.send(worker, message)
 
-    def collect(self, kind: type[messages.Message]) -> list[messages.Message]:
-        """Wait for a ``kind`` message from every worker, failing fast if any dies or fails."""
+    def collect(self, kind: type[messages.Message], *,
+                workers: list[WorkerHandle] | None = None) -> list[messages.Message]:
+        """Wait for a ``kind`` message from every worker (of ``workers``), failing fast if
+        any dies or fails."""
+        workers = self.workers if workers is None else workers
         replies: dict[int, messages.Message] = {}
 
         def handle(worker: WorkerHandle, message: messages.Message) -> None:
@@ -153,25 +205,34 @@ class Coordinator:
                 raise self._failure(worker, f"expected {kind.TYPE}, got {message.TYPE}")
             replies[id(worker)] = message
 
-        self.pump(handle, lambda: len(replies) == len(self.workers))
-        return [replies[id(worker)] for worker in self.workers]
+        self.pump(handle, lambda: len(replies) == len(workers), workers=workers)
+        return [replies[id(worker)] for worker in workers]
 
-    def pump(self, handle: Handler, done: Callable[[], bool]) -> None:
-        """Wait in ``poll`` on every control channel and the signal pipe until ``done()``.
+    def pump(self, handle: Handler, done: Callable[[], bool], *,
+             workers: list[WorkerHandle] | None = None,
+             on_failed: Handler | None = None) -> None:
+        """Wait in ``poll`` on the control channels (of ``workers``, by default all) and the
+        signal pipe until ``done()``.
 
-        Heartbeats are absorbed here and step results filed; a ``Failed`` report, an
-        end-of-file (the worker died) or a worker silent for longer than the heartbeat timeout
-        raises :class:`WorkerFailed`; a second SIGINT raises :class:`Aborted`. Other messages go
-        to ``handle``.
+        Heartbeats are absorbed here and step results filed; a ``Failed`` report goes to
+        ``on_failed`` (by default: raise :class:`WorkerFailed`, naming the root cause); an
+        end-of-file (the worker died) or a worker silent for longer than the heartbeat
+        timeout raises :class:`WorkerFailed`; a second SIGINT raises :class:`Aborted`. Other
+        messages go to ``handle``.
         """
-        by_fd = {worker.control.fileno(): worker for worker in self.workers}
+        workers = self.workers if workers is None else workers
+        on_failed = on_failed or self._raise_failed
+        by_fd = {worker.control.fileno(): worker for worker in workers}
         poller = select.poll()
         for fd in by_fd:
             poller.register(fd, select.POLLIN)
         if self.signals is not None:
             poller.register(self.signals.fileno(), select.POLLIN)
+        self._tick(0.0)
         while not done():
-            ready = poller.poll(self._heartbeat_poll_ms())
+            timeout_ms = self._heartbeat_poll_ms(workers)
+            ready = poller.poll(timeout_ms)
+            self._tick(timeout_ms / 1000)
             for fd, _ in ready:
                 if fd not in by_fd:
                     self.check_signals()
@@ -184,16 +245,29 @@ class Coordinator:
                         self._file(self._done, step, worker, message)
                     case messages.Digests(step=step, digests=digests):
                         self._file(self._digests, step, worker, digests)
-                    case messages.Failed(message=text, consequence=consequence):
-                        worker.last_error = text
-                        if consequence:
-                            raise root_cause(worker, self.workers, self.launcher)
-                        raise self._failure(worker, text or "unknown error")
+                    case messages.Failed() as message:
+                        worker.last_error = message.message
+                        on_failed(worker, message)
                     case message:
                         handle(worker, message)
-            # Only workers with nothing waiting in their pipe can be silent: messages queued
-            # while this loop was busy elsewhere are read first, so they never count as silence.
-            self._check_heartbeats(skip={fd for fd, _ in ready})
+            self._check_heartbeats(workers)
+        self._tick(0.0)
+
+    def _raise_failed(self, worker: WorkerHandle, message: messages.Message) -> None:
+        if message.consequence:
+            raise root_cause(worker, self.workers, self.launcher)
+        raise self._failure(worker, message.message or "unknown error")
+
+    def _tick(self, asked_s: float) -> None:
+        """The loop runs again now, having asked to sleep ``asked_s``: if it was away much
+        longer, it was not scheduled, and that time counts for no worker's silence."""
+        now = time.monotonic()
+        if self._last_tick is not None:
+            gap = now - self._last_tick - asked_s
+            if gap > GAP_S:
+                for worker in self.workers:
+                    worker.last_seen = min(now, worker.last_seen + gap)
+        self._last_tick = now
 
     def _file(self, store: dict, step: int, worker: WorkerHandle, value: object) -> None:
         by_worker = store.setdefault(step, {})
@@ -201,22 +275,30 @@ class Coordinator:
             raise self._failure(worker, f"sent the results of step {step} twice")
         by_worker[id(worker)] = value
 
-    def _heartbeat_poll_ms(self) -> int:
-        oldest = min((worker.last_seen for worker in self.workers), default=time.monotonic())
+    def _heartbeat_poll_ms(self, workers: list[WorkerHandle]) -> int:
+        oldest = min((worker.last_seen for worker in workers if worker.ready),
+                     default=time.monotonic())
         remaining = oldest + self.config.heartbeat_timeout - time.monotonic()
         return max(10, int(remaining * 1000) + 10)
 
-    def _check_heartbeats(self, skip: set[int] = frozenset()) -> None:
+    def _check_heartbeats(self, workers: list[WorkerHandle]) -> None:
         now = time.monotonic()
         # When several are silent, the one silent longest is the likeliest cause.
-        for worker in sorted(self.workers, key=lambda w: w.last_seen):
-            if worker.control.fileno() in skip:
-                continue
+        for worker in sorted(workers, key=lambda w: w.last_seen):
             silent_s = now - worker.last_seen
-            if silent_s > self.config.heartbeat_timeout:
-                raise self._failure(
-                    worker, f"no heartbeat for {silent_s:.1f}s (hung or frozen; "
-                    f"--heartbeat-timeout is {self.config.heartbeat_timeout}s)")
+            # A worker beats once it is set up: until then only a stall as long as a frame's
+            # (a Python start-up and a dataset load on a loaded machine can take seconds).
+            allowed_s = self.config.heartbeat_timeout if worker.ready else self.op_timeout_s
+            if silent_s <= allowed_s:
+                continue
+            # Only a worker with nothing waiting in its pipe is silent: what arrived while
+            # this loop was busy elsewhere is read first (the next poll returns it).
+            if select.select([worker.control.fileno()], [], [], 0)[0]:
+                continue
+            raise self._failure(
+                worker, f"no heartbeat for {silent_s:.1f}s (hung or frozen; "
+                f"--heartbeat-timeout is {self.config.heartbeat_timeout}s)" if worker.ready
+                else f"not ready after {silent_s:.1f}s")
 
     def check_signals(self) -> None:
         """Fold pending signals into requests; a second SIGINT aborts right away."""
@@ -307,21 +389,12 @@ class Coordinator:
         self.pump(handle, lambda: len(answered) == len(primary))
         return {name: params[name] for name in parameter_names(self.config.num_layers)}
 
+    def recover(self, failure: WorkerFailed, emitted: int) -> Outcome:
+        """Replace the failed worker(s) while the others run on (``pipetrain.runtime.
+        recovery``); raises when that is impossible and the group must restart instead."""
+        return Recovery(self).run(failure, emitted)
+
     def checkpoint(self, step: int, epoch: int) -> Path:
-        """Every stage writes its segment into a temporary directory, then it is committed."""
-        tmp = checkpoint.begin(self.run.checkpoints, step)
-        self.broadcast(messages.WriteCheckpoint(directory=str(tmp), step=step))
-        replies = self.collect(messages.Checkpointed)
-        files = {reply.file: reply.sha256 for reply in replies if reply.file is not None}
-        digests: dict[int, str] = {}
-        for worker, reply in zip(self.workers, replies, strict=True):
-            expected = digests.setdefault(worker.index, reply.params_digest)
-            if reply.params_digest != expected:
-                raise self._failure(worker, f"parameters differ from replica 0's at step {step} "
-                                    "(replicas drifted apart)")
-        hooks_now = hooks.current()
-        hooks_now.checkpoint_phase(COORDINATOR, step, "segments_written")
-        return checkpoint.commit(
-            tmp, step=step, epoch=epoch, files=files, config=self.config.math_config(),
-            config_digest=self.config.math_digest(),
-            on_phase=lambda phase: hooks_now.checkpoint_phase(COORDINATOR, step, phase))
+        """Every stage writes its segment into a temporary directory, then it is committed
+        (``pipetrain.runtime.checkpointing``)."""
+        return write_checkpoint(self, step, epoch)

@@ -3,7 +3,9 @@
 A worker that loses a neighbour's link reports it as a *consequence*; the coordinator then looks
 for the neighbour that really died and blames it, with its last words (the error it managed to
 send before exiting), instead of the bystander. Every message names the role (stage, replica,
-layers), the pid, how the process ended and where its log is.
+layers), the pid, how the process ended and where its log is. A worker that fails before it
+was ready is a :class:`StartupFailed`: no restart would help it, and its message carries the
+last lines of its log.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import time
+from pathlib import Path
 
 from pipetrain.runtime import messages
 from pipetrain.runtime.launcher import Launcher, WorkerHandle
@@ -19,15 +22,26 @@ from pipetrain.wire.frames import Kind, ProtocolError
 
 # A worker's exit closes its pipes an instant before it becomes reapable: allow that instant.
 ROOT_CAUSE_GRACE_S = 0.5
+LOG_TAIL_LINES = 6
 
 
 class WorkerFailed(RuntimeError):
-    """A stage died, reported an error or stopped answering; the message names it."""
+    """A stage died, reported an error or stopped answering; the message names it and
+    ``worker`` is the one blamed (None when no single worker is)."""
+
+    def __init__(self, message: str, worker: WorkerHandle | None = None) -> None:
+        super().__init__(message)
+        self.worker = worker
+
+
+class StartupFailed(WorkerFailed):
+    """A worker failed before it was ready (an import error, a bad dataset): the run fails at
+    once instead of spending restarts on it."""
 
 
 def failure(worker: WorkerHandle, reason: str, launcher: Launcher) -> WorkerFailed:
     code = worker.process.poll()
-    if code is None and "exited" in reason:
+    if code is None and ("exited" in reason or not worker.ready):  # its last words, logged
         try:
             code = worker.process.wait(timeout=1.0)
         except subprocess.TimeoutExpired:
@@ -36,8 +50,26 @@ def failure(worker: WorkerHandle, reason: str, launcher: Launcher) -> WorkerFail
     if code is not None:
         status = f" (killed by signal {-code})" if code < 0 else f" (exit status {code})"
     where = launcher.where(worker)
+    if not worker.ready and (code is None or code >= 0):  # killed by a signal: not its fault
+        tail = log_tail(worker.log_path)
+        lines = "".join(f"\n    {line}" for line in tail)
+        return StartupFailed(f"{worker.role}, pid {worker.process.pid}: failed while starting: "
+                             f"{reason}{where}{status}; last lines of {worker.log_path}:"
+                             f"{lines or ' (empty)'}", worker)
     return WorkerFailed(f"{worker.role}, pid {worker.process.pid}: {reason}{where}{status}; "
-                        f"log: {worker.log_path}")
+                        f"log: {worker.log_path}", worker)
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
+    """The last non-empty lines of a log (none if it cannot be read)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, 2)
+            handle.seek(max(0, handle.tell() - 8192))
+            text = handle.read().decode("utf-8", "replace")
+    except OSError:
+        return []
+    return [line for line in text.splitlines() if line.strip()][-lines:]
 
 
 def last_words(worker: WorkerHandle) -> tuple[str | None, bool | None]:

@@ -77,6 +77,13 @@ class Inbox:
                     raise InterruptedError("interrupted by a signal")
                 self._cond.wait(0.5)
 
+    def discard(self, sources: list[str]) -> None:
+        """Forget the frames and failures of ``sources`` (their links are being replaced)."""
+        with self._cond:
+            for source in sources:
+                self._items.pop(source, None)
+                self._source_failures.pop(source, None)
+
     def depth(self, source: str) -> int:
         with self._cond:
             return len(self._items.get(source, ()))

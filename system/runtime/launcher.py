@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipetrain import hooks
+from pipetrain.run.storage import StorageError
 from pipetrain.runtime import messages
+from pipetrain.runtime.courier import Courier, courier_pair
 from pipetrain.runtime.topology import Grid, Position
 from pipetrain.wire.channel import Channel, ChannelClosed, ChannelTimeout
 from pipetrain.wire.frames import Kind, ProtocolError
@@ -50,11 +52,15 @@ class WorkerHandle:
     process: Process
     control: Channel
     log_path: Path
-    endpoints: dict[str, dict[str, int]]  # its links, in the transport's terms (for Init)
+    endpoints: dict[str, dict[str, Any]]  # its links, in the transport's terms (for Init)
     replicated: bool = False
     returncode: int | None = None
     last_error: str | None = None
     last_seen: float = field(default_factory=time.monotonic)
+    courier: Courier | None = None  # pipes: the socket that hands it fds
+    fds: list[str] = field(default_factory=list)  # the fd batch last sent, to announce
+    ready: bool = False  # it reported Ready (a failure before that is a start-up failure)
+    region: bool = False  # it keeps an in-memory snapshot region
 
     @property
     def index(self) -> int:
@@ -75,13 +81,15 @@ LogPath = Callable[[Position], Path]
 
 
 class Launcher(Protocol):
-    restartable: bool       # can a failed group be replaced in place (--max-restarts)?
+    restartable: bool       # can a failed group be replaced (--max-restarts)?
+    replaceable: bool       # can one worker be replaced while the others run on (and keep
+    #                         in-memory snapshots)? pipes yes, MPI ranks no
     cont_checkpoints: bool  # does SIGCONT also ask for a checkpoint (see Requests)?
 
     def start(self, grid: Grid, bounds: list[tuple[int, int]], log_path: LogPath,
               generation: int) -> list[WorkerHandle]:
-        """Every worker of ``grid``, in ``grid.positions()`` order, running and waiting for
-        its ``Init``."""
+        """Every worker of ``grid``, in ``grid.positions()`` order, running, linked, and
+        waiting for its ``Init``."""
 
     def stop(self, workers: list[WorkerHandle], *, graceful: bool) -> None:
         """End every worker and set its ``returncode``. Graceful: ask (``Stop``), then force
@@ -93,6 +101,12 @@ class Launcher(Protocol):
     def state_fields(self, workers: list[WorkerHandle]) -> dict[str, Any]:
         """What ``run.json`` records about the processes beyond their pids."""
 
+    def keep_spare(self, log_dir: Path, generation: int) -> None:
+        """Have a worker started and waiting to replace the next failed one (if it can)."""
+
+    def close(self) -> None:
+        """The run is over: stop whatever the launcher keeps of its own (a spare)."""
+
 
 def send_stop(worker: WorkerHandle, timeout_s: float) -> None:
     """Ask a worker to stop; a worker that cannot be reached any more is stopped anyway."""
@@ -102,13 +116,20 @@ def send_stop(worker: WorkerHandle, timeout_s: float) -> None:
 
 
 class PipeLauncher:
-    """Workers as child processes with only their own fds, linked by pipes."""
+    """Workers as child processes, each with only its control pipes and courier socket;
+    their links (pairs of pipes) and snapshot regions are handed over on the courier, so the
+    same running process can be given new links when a neighbour is replaced.
+
+    One *spare* is kept started (interpreter and imports done, waiting for an ``Init``), so that
+    replacing a failed worker costs its set-up, not a Python start-up."""
 
     restartable = True
+    replaceable = True
     cont_checkpoints = False
 
     def __init__(self, blas_threads: int) -> None:
         self.blas_threads = blas_threads
+        self._spare: tuple[subprocess.Popen, PipeChannel, Courier, Path] | None = None
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -120,56 +141,116 @@ class PipeLauncher:
 
     def start(self, grid: Grid, bounds: list[tuple[int, int]], log_path: LogPath,
               generation: int) -> list[WorkerHandle]:
-        # Each link is two one-way pipes: (lower -> higher, higher -> lower).
-        pipes = {edge: (open_pipe(), open_pipe()) for edge in grid.edges()}
-        env = self._env()
         workers: list[WorkerHandle] = []
         try:
             for at in grid.positions():
-                endpoints: dict[str, dict[str, int]] = {}
-                for name, peer in grid.links(at).items():
-                    if at < peer:
-                        (_, out_w), (in_r, _) = pipes[at, peer]
-                    else:
-                        (in_r, _), (_, out_w) = pipes[peer, at]
-                    endpoints[name] = {"read_fd": in_r, "write_fd": out_w}
-                workers.append(self._spawn(at, bounds[at.stage], endpoints, env, log_path(at),
-                                           generation, grid.replicas > 1))
+                workers.append(self.spawn(at, bounds[at.stage], log_path(at), generation,
+                                          grid.replicas > 1))
+            self.link(grid, workers)
         except BaseException:
             self.stop(workers, graceful=False)
             raise
-        finally:
-            for pair in pipes.values():
-                for read_fd, write_fd in pair:  # the children hold theirs; ours would hide EOFs
-                    os.close(read_fd)
-                    os.close(write_fd)
         return workers
 
-    def _spawn(self, at: Position, layers: tuple[int, int], endpoints: dict[str, dict[str, int]],
-               env: dict[str, str], log_path: Path, generation: int,
-               replicated: bool) -> WorkerHandle:
+    def link(self, grid: Grid, workers: list[WorkerHandle],
+             extra: dict[Position, dict[str, int]] | None = None) -> None:
+        """New pipes for every link of the grid, each worker's ends sent on its courier (with
+        the fds of ``extra`` for it, which stay the caller's); sets every worker's
+        ``endpoints`` and ``fds`` (to announce in its next command)."""
+        by_position = {worker.position: worker for worker in workers}
+        batches: dict[Position, dict[str, int]] = {at: {} for at in by_position}
+        ours: list[int] = []
+        try:
+            for low, high in grid.edges():
+                down_r, down_w = open_pipe()  # low -> high
+                up_r, up_w = open_pipe()      # high -> low
+                ours += [down_r, down_w, up_r, up_w]
+                for at, peer, read_fd, write_fd in ((low, high, up_r, down_w),
+                                                    (high, low, down_r, up_w)):
+                    name = next(n for n, p in grid.links(at).items() if p == peer)
+                    batches[at][f"{name}.read"] = read_fd
+                    batches[at][f"{name}.write"] = write_fd
+            for at, worker in by_position.items():
+                worker.endpoints = {name: {"read": f"{name}.read", "write": f"{name}.write"}
+                                    for name in grid.links(at)}
+                self.send_fds(worker, {**batches[at], **(extra or {}).get(at, {})})
+        finally:
+            for fd in ours:  # the workers hold theirs now; ours would hide end-of-files
+                os.close(fd)
+
+    def send_fds(self, worker: WorkerHandle, fds: dict[str, int]) -> None:
+        """Send ``fds`` on the worker's courier (announced by its next command's ``fds``)."""
+        worker.fds = list(fds)
+        if fds:
+            try:
+                worker.courier.send(fds)
+            except OSError as exc:  # the worker is gone: its next command fails to say so
+                worker.fds = []
+                raise ChannelClosed(f"courier of {worker.role}: {exc}") from None
+
+    def receive_fds(self, worker: WorkerHandle, names: list[str]) -> dict[str, int]:
+        return worker.courier.receive(names)
+
+    def spawn(self, at: Position, layers: tuple[int, int], log_path: Path, generation: int,
+              replicated: bool) -> WorkerHandle:
+        """A worker at ``at``: the spare if one is waiting, a new process otherwise."""
+        spare, self._spare = self._spare, None
+        if spare is not None and spare[0].poll() is None:
+            process, control, courier, _ = spare
+        else:
+            if spare is not None:
+                self._discard(spare)
+            place = hooks.Place(hooks.STAGE, at.stage, at.replica, generation)
+            process, control, courier = self._start_process(place, log_path)
+        control.name = f"control of stage {at.stage}"
+        return WorkerHandle(at, layers, process, control, log_path, {}, replicated=replicated,
+                            courier=courier)
+
+    def keep_spare(self, log_dir: Path, generation: int) -> None:
+        """Start a spare worker (if none is waiting) to replace the next failed one. Until it
+        is placed its output goes nowhere (it has said nothing yet); its ``Init`` sends it to
+        the log of the position it takes."""
+        if self._spare is not None and self._spare[0].poll() is None:
+            return
+        if self._spare is not None:
+            self._discard(self._spare)
+            self._spare = None
+        place = hooks.Place(hooks.STAGE, None, None, generation)
+        self._spare = (*self._start_process(place, None), log_dir)
+
+    def _start_process(self, place: hooks.Place,
+                       log_path: Path | None) -> tuple[subprocess.Popen, PipeChannel, Courier]:
         to_child_r, to_child_w = open_pipe()
         from_child_r, from_child_w = open_pipe()
-        place = hooks.Place(hooks.STAGE, at.stage, at.replica, generation)
+        courier, courier_fd = courier_pair(f"courier of {place}")
         # -P: nothing in the working directory can shadow the installed package.
         argv = hooks.current().worker_command(place, [
-            sys.executable, "-P", "-m", WORKER_MODULE, str(to_child_r), str(from_child_w)])
-        link_fds = [fd for endpoint in endpoints.values() for fd in endpoint.values()]
+            sys.executable, "-P", "-m", WORKER_MODULE, str(to_child_r), str(from_child_w),
+            str(courier_fd)])
         try:
-            with open(log_path, "ab") as log:
+            with open_log(log_path) if log_path else open(os.devnull, "wb") as log:
                 process = subprocess.Popen(
-                    argv, pass_fds=(to_child_r, from_child_w, *link_fds),
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
+                    argv, pass_fds=(to_child_r, from_child_w, courier_fd),
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    env=self._env())
         except BaseException:
             os.close(from_child_r)
             os.close(to_child_w)
+            courier.close()
             raise
         finally:
             os.close(to_child_r)
             os.close(from_child_w)
-        control = PipeChannel(from_child_r, to_child_w, name=f"control of stage {at.stage}")
-        return WorkerHandle(at, layers, process, control, log_path, endpoints,
-                            replicated=replicated)
+            os.close(courier_fd)
+        return process, PipeChannel(from_child_r, to_child_w, name="control"), courier
+
+    def _discard(self, spare: tuple[subprocess.Popen, PipeChannel, Courier, Path]) -> None:
+        process, control, courier, _ = spare
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        control.close()
+        courier.close()
 
     def stop(self, workers: list[WorkerHandle], *, graceful: bool) -> None:
         for worker in workers:
@@ -187,9 +268,25 @@ class PipeLauncher:
                 worker.process.wait()
             worker.returncode = worker.process.returncode
             worker.control.close()
+            if worker.courier is not None:
+                worker.courier.close()
+
+    def close(self) -> None:
+        """Stop the spare (the run is over)."""
+        if self._spare is not None:
+            self._discard(self._spare)
+            self._spare = None
 
     def where(self, worker: WorkerHandle) -> str:
         return ""
 
     def state_fields(self, workers: list[WorkerHandle]) -> dict[str, Any]:
         return {}
+
+
+def open_log(path: Path):
+    """A worker's log, opened for appending; a full or read-only disk is a StorageError."""
+    try:
+        return open(path, "ab")  # noqa: SIM115 - the caller closes it
+    except OSError as exc:
+        raise StorageError.from_os_error(exc, path) from None

@@ -7,9 +7,15 @@ malformed or unknown message is a :class:`~pipetrain.wire.frames.ProtocolError`,
 
 ::
 
-    coordinator ──▶ worker    Init, Step, SendParams, WriteCheckpoint, Stop
+    coordinator ──▶ worker    Init, Step, SendParams, WriteCheckpoint, Stop, Hold,
+                              Halt, Restore (in-place recovery: pipetrain.runtime.recovery)
     worker ──▶ coordinator    Ready, Heartbeat, StepDone, Digests, ParamsFollow (then one
-                              PARAMETER frame per parameter), Checkpointed, Failed, Exited
+                              PARAMETER frame per parameter), Checkpointed, Failed, Exited,
+                              Halted, Restored
+
+A message that hands over file descriptors (new pipes, snapshot regions) names them in its
+``fds`` field; the fds themselves travel in one batch on the worker's courier socket
+(``pipetrain.runtime.courier``), sent just before the message on the control channel.
 """
 
 from __future__ import annotations
@@ -36,8 +42,13 @@ class Message:
 class Init(Message):
     """Who the worker is, how it reaches its neighbours and where training starts.
 
-    ``links`` maps a link name (``pipetrain.runtime.topology``) to the transport's endpoint: pipe
-    fds (``read_fd``, ``write_fd``) or an MPI peer rank (``rank``).
+    ``links`` maps a link name (``pipetrain.runtime.topology``) to the transport's endpoint: the
+    names of two pipe fds of the courier batch (``read``, ``write``) or an MPI peer rank
+    (``rank``). ``state_source`` says where the parameters and optimizer state come from:
+    ``init`` (the seed), ``checkpoint`` (``resume_from``), ``snapshot`` (the region fd
+    ``region`` of the batch, at ``start_step``) or ``peer`` (the replica ``state_root`` of the
+    same stage; after any source every replica takes ``state_root``'s state). ``snapshots``:
+    keep an in-memory snapshot region (and send its fd with ``Ready``).
     """
 
     TYPE: ClassVar[str] = "init"
@@ -46,14 +57,18 @@ class Init(Message):
     replica: int
     num_stages: int
     layers: list[int]  # [first, stop) of this stage's layers
-    links: dict[str, dict[str, int]]
+    links: dict[str, dict[str, Any]]
     op_timeout_s: float
     heartbeat_interval_s: float
     heartbeat_timeout_s: float
     generation: int = 0
     start_step: int = 0
     resume_from: str | None = None
-    log_path: str | None = None  # MPI ranks redirect their own output there
+    log_path: str | None = None  # the worker sends its output there
+    fds: list[str] = dataclasses.field(default_factory=list)
+    state_source: str = "init"
+    state_root: int = 0
+    snapshots: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,13 +94,66 @@ class Stop(Message):
     TYPE: ClassVar[str] = "stop"
 
 
+@dataclass(frozen=True)
+class Hold(Message):
+    """Keep the snapshot regions in ``fds`` (named ``held:S.R``) open: this worker holds them."""
+
+    TYPE: ClassVar[str] = "hold"
+    fds: list[str]
+
+
+@dataclass(frozen=True)
+class Halt(Message):
+    """Another worker failed: abandon the step in progress, let the helper threads settle, hand
+    over the snapshot regions (own and held, named in the reply) and wait."""
+
+    TYPE: ClassVar[str] = "halt"
+
+
+@dataclass(frozen=True)
+class Restore(Message):
+    """Continue from the end of step ``step``: the state of that step (live or from this
+    worker's own snapshots), new links (``links`` as in :class:`Init`), generation
+    ``generation``, replicas of a stage taking replica ``state_root``'s state, and the regions
+    in ``fds`` named ``held:S.R`` to hold from now on."""
+
+    TYPE: ClassVar[str] = "restore"
+    step: int
+    generation: int
+    links: dict[str, dict[str, Any]]
+    fds: list[str]
+    state_root: int = 0
+
+
 # -- events: worker to coordinator ---------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Ready(Message):
+    """Set up; with ``region`` its snapshot region's fd came first on the courier."""
+
     TYPE: ClassVar[str] = "ready"
     pid: int
+    region: bool = False
+
+
+@dataclass(frozen=True)
+class Halted(Message):
+    """Halted at the end of step ``step`` (its last update applied); own snapshots of
+    ``snapshots`` steps; the steps in each held region (``held``: "S.R" -> steps); the region fds
+    sent first on the courier are named in ``fds`` (``region`` and ``held:S.R``)."""
+
+    TYPE: ClassVar[str] = "halted"
+    step: int
+    snapshots: list[int]
+    held: dict[str, list[int]]
+    fds: list[str]
+
+
+@dataclass(frozen=True)
+class Restored(Message):
+    TYPE: ClassVar[str] = "restored"
+    step: int
 
 
 @dataclass(frozen=True)
@@ -142,6 +210,7 @@ class Checkpointed(Message):
     params_digest: str
     file: str | None = None
     sha256: str | None = None
+    error: str | None = None  # the segment could not be written (a full disk): why, one line
 
 
 @dataclass(frozen=True)
@@ -165,8 +234,9 @@ class Exited(Message):
 
 
 MESSAGES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (Init, Step, SendParams, WriteCheckpoint, Stop, Ready, Heartbeat,
-                              StepDone, Digests, ParamsFollow, Checkpointed, Failed, Exited)
+    cls.TYPE: cls for cls in (Init, Step, SendParams, WriteCheckpoint, Stop, Hold, Halt,
+                              Restore, Ready, Heartbeat, StepDone, Digests, ParamsFollow,
+                              Checkpointed, Failed, Exited, Halted, Restored)
 }
 _FIELDS = {cls: ({f.name for f in dataclasses.fields(cls)},
                  {f.name for f in dataclasses.fields(cls)
@@ -206,6 +276,7 @@ def decode(array: np.ndarray) -> Message:
     return cls(**body)
 
 
-__all__ = ["MESSAGES", "METRIC_KEYS", "Checkpointed", "Digests", "Exited", "Failed",
-           "Heartbeat", "Init", "Message", "ParamsFollow", "Ready", "SendParams", "Step",
-           "StepDone", "Stop", "WriteCheckpoint", "decode", "encode"]
+__all__ = ["MESSAGES", "METRIC_KEYS", "Checkpointed", "Digests", "Exited", "Failed", "Halt",
+           "Halted", "Heartbeat", "Hold", "Init", "Message", "ParamsFollow", "Ready",
+           "Restore", "Restored", "SendParams", "Step", "StepDone", "Stop", "WriteCheckpoint",
+           "decode", "encode"]

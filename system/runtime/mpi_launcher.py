@@ -30,6 +30,7 @@ from pipetrain.runtime import messages
 from pipetrain.runtime.inbox import InboxFailure
 from pipetrain.runtime.launcher import LogPath, WorkerHandle
 from pipetrain.runtime.topology import PIPELINE_LINKS, Grid
+from pipetrain.runtime.transport import redirect_output
 from pipetrain.runtime.worker import CONTROL, Worker, leftover_threads
 from pipetrain.status import ExitCode
 from pipetrain.wire.channel import Channel, ChannelClosed, ChannelTimeout
@@ -208,6 +209,7 @@ class MpiLauncher:
     """The launcher of rank 0: the workers are the ranks ``mpirun`` started."""
 
     restartable = False  # recovery is the launcher's loop: the same mpirun with --resume
+    replaceable = False  # a rank cannot be replaced alone, so no in-memory snapshots either
     cont_checkpoints = True  # SIGCONT opens mpirun's kill sequence: checkpoint while there is time
 
     def __init__(self, world: MpiWorld, op_timeout_s: float) -> None:
@@ -238,6 +240,12 @@ class MpiLauncher:
         for worker in workers:
             worker.returncode = worker.process.returncode
 
+    def keep_spare(self, log_dir, generation: int) -> None:
+        """No spares: a rank is never replaced."""
+
+    def close(self) -> None:
+        """Nothing of its own to stop (the ranks are mpirun's)."""
+
     def where(self, worker: WorkerHandle) -> str:
         return f" [MPI rank {worker.process.rank} on {worker.process.host}]"
 
@@ -262,13 +270,14 @@ class MpiTransport:
 
     def prepare(self, init: messages.Init) -> None:
         if init.log_path:  # from here on this rank's output goes to its log, as a pipe worker's
-            sys.stdout.flush()
-            sys.stderr.flush()
-            fd = os.open(init.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                         0o644)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            os.close(fd)
+            redirect_output(init.log_path)
+
+    def take(self, names: list[str]) -> dict[str, int]:
+        """MPI ranks are handed no fds (no in-place recovery, no snapshot regions)."""
+        return {}
+
+    def send(self, fds: dict[str, int]) -> None:
+        """Nothing to hand over (see :meth:`take`)."""
 
     def open_link(self, name: str, endpoint: dict[str, int], op_timeout_s: float) -> Channel:
         tag = TAG_PIPELINE if name in PIPELINE_LINKS else TAG_CHAIN

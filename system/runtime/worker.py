@@ -17,8 +17,12 @@ message (:class:`~pipetrain.runtime.messages.Init`) says who the worker is; what
 it is in ``pipetrain.runtime.worker_setup``. How links are opened is the transport's
 (:class:`Transport`: pipe fds here, MPI ranks in ``pipetrain.runtime.mpi_launcher``).
 
-Started by the pipe launcher as ``python -P -m pipetrain.runtime.worker CONTROL_IN CONTROL_OUT``
-with only the fds it needs. It dies with the coordinator (PR_SET_PDEATHSIG, and end-of-file on
+Started by the pipe launcher as ``python -P -m pipetrain.runtime.worker CONTROL_IN CONTROL_OUT
+COURIER``; links and snapshot regions come on the courier (``pipetrain.runtime.courier``).
+When another worker fails the coordinator halts this one (``Halt``: the step is abandoned,
+the links closed) and restores it (``Restore``: state rolled back from its own snapshots if
+need be, new links); process and state stay (``pipetrain.runtime.recovery``).
+It dies with the coordinator (PR_SET_PDEATHSIG, and end-of-file on
 the control pipe as the portable backstop), ignores SIGINT and the terminal's job-control stops
 (a Ctrl-C or Ctrl-Z is the coordinator's to act on, at a step boundary) and exits cleanly on
 SIGTERM.
@@ -27,7 +31,6 @@ SIGTERM.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import sys
@@ -35,7 +38,6 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
@@ -43,11 +45,15 @@ from pipetrain import hooks
 from pipetrain.nn.digest import array_digest, combine
 from pipetrain.pipeline.stage import UPSTREAM
 from pipetrain.run import checkpoint
+from pipetrain.run.storage import StorageError
 from pipetrain.runtime import messages
 from pipetrain.runtime.background import JobFailed
+from pipetrain.runtime.courier import Courier
 from pipetrain.runtime.inbox import Inbox, InboxClosed, InboxFailure, PeerClosed, Receivers
 from pipetrain.runtime.proctitle import set_title, stage_title
+from pipetrain.runtime.snapshot import peek_steps
 from pipetrain.runtime.topology import Position
+from pipetrain.runtime.transport import PipeTransport, Transport, die_with_parent
 from pipetrain.runtime.worker_setup import Parts, build_parts, receive_frame
 from pipetrain.status import ExitCode
 from pipetrain.threads import start_helper
@@ -55,44 +61,10 @@ from pipetrain.wire.channel import Channel, ChannelClosed
 from pipetrain.wire.frames import Kind, ProtocolError
 from pipetrain.wire.pipe import PipeChannel
 
-PR_SET_PDEATHSIG = 1
 CONTROL = "control"
 # A terminal's Ctrl-C and Ctrl-Z reach the whole foreground process group; in a worker they
 # would kill or stop one stage behind the coordinator's back.
 IGNORED_SIGNALS = (signal.SIGINT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
-
-
-class Transport(Protocol):
-    """How a worker reaches its neighbours: the one part that differs between pipes and MPI."""
-
-    keeps_control_open: bool  # the control channel outlives serve() (an MPI rank's last word)
-
-    def prepare(self, init: messages.Init) -> None:
-        """Before anything is built (an MPI rank sends its output to its log here)."""
-
-    def open_link(self, name: str, endpoint: dict[str, int],
-                  op_timeout_s: float) -> Channel: ...
-
-
-class PipeTransport:
-    keeps_control_open = False
-
-    def prepare(self, init: messages.Init) -> None:
-        """A pipe worker's output already goes to its log (the launcher opened it)."""
-
-    def open_link(self, name: str, endpoint: dict[str, int], op_timeout_s: float) -> Channel:
-        return PipeChannel(endpoint["read_fd"], endpoint["write_fd"], name=name)
-
-
-def die_with_parent() -> None:
-    """Ask the kernel to SIGKILL us when the coordinator dies (Linux only; EOF is the backstop)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os._exit(ExitCode.FAILED)
 
 
 class Worker:
@@ -189,8 +161,10 @@ class Worker:
             parts.reducer.wait(interrupted=self.alive)
             reduce_s = time.perf_counter() - wait_start
         parts.digester.submit(step, parts.digest_share())
+        parts.wait_snapshot()  # the copy of the last step's state reads what the update writes
         stage.apply_update()
         hooks_now.after_update(place, step, stage)
+        parts.snapshot(step)
         elapsed = time.perf_counter() - started
         data_wait, depth = None, None
         if parts.loader is not None:
@@ -237,10 +211,49 @@ class Worker:
         params_digest = combine(array_digest(stage.params[name]) for name in stage.names)
         file = sha256 = None
         if parts.place.replica == 0:
-            file, sha256 = checkpoint.write_segment(Path(command.directory), stage.index,
-                                                    stage.params, stage.optimizer.state_dict())
+            try:
+                file, sha256 = checkpoint.write_segment(Path(command.directory), stage.index,
+                                                        stage.params,
+                                                        stage.optimizer.state_dict())
+            except StorageError as exc:  # a full disk is the run's problem: say so, go on
+                self.reply(messages.Checkpointed(params_digest=params_digest, error=str(exc)))
+                return
         hooks.current().checkpoint_phase(parts.place, command.step, "segment_written")
         self.reply(messages.Checkpointed(params_digest=params_digest, file=file, sha256=sha256))
+
+    # -- recovery ----------------------------------------------------------------------------
+
+    def halt(self) -> None:
+        """Another worker failed: settle, hand over the snapshot regions, report the state."""
+        parts = self.parts
+        fds = parts.halt(lambda: parts.digester.wait(interrupted=self.idle))
+        self.transport.send(fds)
+        region = parts.region
+        self.reply(messages.Halted(
+            step=parts.applied_step, snapshots=region.valid_steps() if region else [],
+            held={key: peek_steps(fd) for key, fd in parts.held.items()}, fds=list(fds)))
+
+    def restore(self, command: messages.Restore) -> None:
+        """Continue from step ``command.step`` with new links (see :class:`Parts`)."""
+        fds = self.transport.take(command.fds)
+        self.parts.hold(fds)
+        self.parts.restore(command.step, command.generation, command.links, command.state_root)
+        self.name = str(self.parts.place)
+        self.reply(messages.Restored(step=command.step))
+
+    def step_abandoned(self, exc: Exception) -> bool:
+        """Whether ``exc`` only ends the step, not the worker: the coordinator interrupted it
+        (a command arrived), or a link closed (a neighbour failed; said as a consequence).
+        Either way the coordinator decides what comes next."""
+        if self.terminate:
+            return False
+        cause = exc.__cause__ if isinstance(exc, JobFailed) else exc
+        if isinstance(cause, InterruptedError):
+            return True
+        if isinstance(cause, PeerClosed | ChannelClosed) and not isinstance(cause, InboxClosed):
+            self._report(str(exc), consequence=True)
+            return True
+        return isinstance(cause, InboxClosed)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -263,11 +276,23 @@ class Worker:
                 self._heartbeat, name="heartbeat",
                 args=(init.heartbeat_interval_s, init.heartbeat_timeout_s))
             hooks.current().worker_ready(self.parts.place)
-            self.reply(messages.Ready(pid=os.getpid()))
+            region = self.parts.region
+            self.transport.send({"region": region.fd} if region is not None else {})
+            self.reply(messages.Ready(pid=os.getpid(), region=region is not None))
             while True:
                 match self.next_command():
                     case messages.Step(step=step):
-                        self.run_step(step)
+                        try:
+                            self.run_step(step)
+                        except Exception as exc:
+                            if not self.step_abandoned(exc):
+                                raise
+                    case messages.Halt():
+                        self.halt()
+                    case messages.Restore() as command:
+                        self.restore(command)
+                    case messages.Hold(fds=names):
+                        self.parts.hold(self.transport.take(names))
                     case messages.SendParams():
                         self.send_params()
                     case messages.WriteCheckpoint() as command:
@@ -302,10 +327,13 @@ class Worker:
         self.reply(messages.Digests(step=step, digests=digests))
 
     def _report(self, message: str, trace: str = "", *, consequence: bool = False) -> None:
-        sys.stderr.write(f"{self.name}: {message}\n{trace}")
+        # The coordinator first: the log may be on a full disk.
         with contextlib.suppress(Exception):  # the coordinator may be gone already
             self.reply(messages.Failed(message=message, traceback=trace,
                                        consequence=consequence))
+        with contextlib.suppress(OSError):
+            sys.stderr.write(f"{self.name}: {message}\n{trace}")
+            sys.stderr.flush()
 
     def shutdown(self) -> None:
         self.stopping.set()
@@ -319,6 +347,9 @@ class Worker:
             self.control_receivers.stop()
         if not self.transport.keeps_control_open:
             self.control.close()
+        close = getattr(self.transport, "close", None)
+        if close is not None:
+            close()
 
 
 def leftover_threads(allowed: tuple[str, ...] = ()) -> list[str]:
@@ -337,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     ignore_job_control()
     set_title("pipetrain: worker (starting)")
-    worker = Worker(PipeChannel(int(argv[0]), int(argv[1]), name="control"), PipeTransport())
+    worker = Worker(PipeChannel(int(argv[0]), int(argv[1]), name="control"),
+                    PipeTransport(Courier.from_fd(int(argv[2]), name="courier")))
 
     def on_term(signum: int, frame: object) -> None:
         worker.terminate = True  # only the flag: the main thread acts on it

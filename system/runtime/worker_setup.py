@@ -1,15 +1,21 @@
-"""What a worker builds from its ``Init``: its stage, loader, links and helper threads.
+"""What a worker builds from its ``Init``: its stage, loader, links, snapshots and helper threads.
 
 :func:`build_parts` builds them in dependency order and, if any step fails, takes down what it
 had built (threads joined, channels closed) before the error leaves, so a worker that cannot
 start leaves nothing running. :class:`Parts` owns them afterwards and closes them in reverse.
+
+In-place recovery (``pipetrain.runtime.recovery``) changes some of them under a running worker:
+:meth:`Parts.halt` stops the links and the threads that use them, :meth:`Parts.restore` rolls
+the state back (from the worker's own snapshots) and builds new links, a new loader and a new
+all-reduce thread; the stage, its optimizer and the snapshot region stay.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +24,16 @@ import numpy as np
 from pipetrain import hooks
 from pipetrain.config import TrainConfig, build_config
 from pipetrain.data.loader import Loader, MicroBatch
-from pipetrain.data.workload import prepare
+from pipetrain.data.workload import Workload, prepare
 from pipetrain.pipeline.schedule import Action
 from pipetrain.pipeline.schedule import build as build_schedule
 from pipetrain.pipeline.stage import Stage
 from pipetrain.run import checkpoint
 from pipetrain.runtime import messages
 from pipetrain.runtime.background import DigestReport, DigestThread, ReduceThread
-from pipetrain.runtime.inbox import Inbox, Receivers
+from pipetrain.runtime.courier import close_all
+from pipetrain.runtime.inbox import Inbox, InboxClosed, Receivers
+from pipetrain.runtime.snapshot import Region, SnapshotError, SnapshotThread, region_name
 from pipetrain.runtime.topology import NEXT_REPLICA, PREV_REPLICA, Grid, Position
 from pipetrain.wire import allreduce
 from pipetrain.wire.channel import Channel
@@ -43,19 +51,41 @@ def receive_frame(inbox: Inbox, source: str, kind: Kind, step: int, index: int, 
     return frame.array
 
 
+def state_arrays(stage: Stage) -> dict[str, np.ndarray]:
+    """Every array of a stage's state: its parameters, then its optimizer's state."""
+    arrays = {f"param.{name}": stage.params[name] for name in stage.names}
+    arrays.update({f"optim.{key}": value for key, value in stage.optimizer.state_dict().items()})
+    return arrays
+
+
+def load_arrays(stage: Stage, arrays: dict[str, np.ndarray]) -> None:
+    params = {key[6:]: value for key, value in arrays.items() if key.startswith("param.")}
+    optim = {key[6:]: value for key, value in arrays.items() if key.startswith("optim.")}
+    stage.load_state(params, optim)
+
+
 @dataclass
 class Parts:
     place: hooks.Place
     config: TrainConfig
+    workload: Workload | None
     stage: Stage
     actions: list[Action]
-    loader: Loader | None
-    digester: DigestThread
-    reducer: ReduceThread | None
-    channels: dict[str, Channel]
-    receivers: Receivers
+    inbox: Inbox
+    transport: Any
+    alive: Callable[[], bool]
     op_timeout_s: float
-    _undo: contextlib.ExitStack
+    digester: DigestThread
+    loader: Loader | None = None
+    reducer: ReduceThread | None = None
+    channels: dict[str, Channel] = field(default_factory=dict)
+    receivers: Receivers | None = None
+    region: Region | None = None
+    snapshots: SnapshotThread | None = None
+    held: dict[str, int] = field(default_factory=dict)  # "S.R" -> fd of a region we hold
+    applied_step: int = 0  # the last step whose update the stage holds
+    _chain: Any = None
+    _undo: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     def digest_share(self) -> list[np.ndarray | None]:
         """The gradients this worker hashes: after the all-reduce every replica holds the same
@@ -65,6 +95,128 @@ class Parts:
         replica, replicas = self.place.replica, self.config.replicas
         return [grads[name] if position % replicas == replica else None
                 for position, name in enumerate(self.stage.names)]
+
+    def next_microbatch(self, step: int, microbatch: int) -> MicroBatch:
+        self.alive()
+        return self.loader.get(step, microbatch)
+
+    # -- pieces that recovery rebuilds -------------------------------------------------------
+
+    def start_loader(self, first_step: int) -> None:
+        if self.workload is None:
+            return
+        config, stage = self.config, self.stage
+        self.loader = Loader(self.workload, replica=self.place.replica, replicas=config.replicas,
+                             microbatches=config.microbatches, need_x=stage.is_first,
+                             need_y=stage.is_last, threads=config.loader_threads,
+                             prefetch=config.prefetch, augment=config.augmentation,
+                             seed=config.seed, dtype=np.dtype(config.dtype), place=self.place)
+        self.loader.start(first_step, self.workload.total_steps)
+
+    def open_links(self, links: dict[str, dict[str, Any]], grid: Grid) -> None:
+        """Open the links of ``links`` (the transport's endpoints) and start their receivers."""
+        peers = grid.links(Position(self.place.stage, self.place.replica))
+        self.receivers = Receivers(self.inbox, op_timeout_s=self.op_timeout_s)
+        for name, endpoint in links.items():
+            if name not in peers:
+                raise ProtocolError(f"{self.place}: told of a link {name!r} it has no peer for")
+            peer = peers[name]
+            channel = self.transport.open_link(name, endpoint, self.op_timeout_s)
+            self.channels[name] = hooks.current().wrap_channel(
+                self.place, hooks.Place(hooks.STAGE, peer.stage, peer.replica,
+                                        self.place.generation), channel)
+            self.receivers.start(name, self.channels[name])
+        if self.config.replicas > 1:
+            place, chain = self.place, self._chain
+            self.reducer = ReduceThread(
+                place.replica, self.config.replicas, lambda step: chain.links(Kind.REDUCE, step),
+                before_reduce=lambda step, names: hooks.current().before_reduce(place, step,
+                                                                                names))
+
+    def close_links(self) -> None:
+        """Stop everything that uses the links, then the links: helpers waiting for a frame
+        give up (their sources fail), the all-reduce thread and receivers are joined."""
+        for source in self.channels:
+            self.inbox.fail(InboxClosed(f"{self.place}: link {source} closed"), source)
+        if self.reducer is not None:
+            self.reducer.close()
+            self.reducer = None
+        if self.receivers is not None:
+            self.receivers.stop()
+            self.receivers = None
+        for channel in self.channels.values():
+            channel.close()
+        self.inbox.discard(list(self.channels))
+        self.channels.clear()
+
+    def stop_loader(self) -> None:
+        if self.loader is not None:
+            self.loader.stop()
+            self.loader = None
+
+    def snapshot(self, step: int) -> None:
+        """Copy the state of ``step`` into the region, in the background."""
+        self.applied_step = step
+        if self.snapshots is not None:
+            self.snapshots.submit(step)
+
+    def wait_snapshot(self) -> None:
+        """Until the last copy is done (before the next update changes what it reads)."""
+        if self.snapshots is not None:
+            self.snapshots.wait(interrupted=self.alive)
+
+    def sync_state(self, root: int) -> None:
+        """Every replica of this stage takes replica ``root``'s state (after a start, a
+        restart, a resume or a replacement: they agree by construction, this makes sure)."""
+        if self.config.replicas == 1 or root < 0:
+            return
+        links = self._chain.links(Kind.PARAMETER, 0)
+        arrays = state_arrays(self.stage)  # the live arrays, but step_count is a copy
+        allreduce.broadcast_from(list(arrays.values()), self.place.replica,
+                                 self.config.replicas, root, send_next=links["send_next"],
+                                 send_prev=links["send_prev"], recv_prev=links["recv_prev"],
+                                 recv_next=links["recv_next"])
+        self.stage.optimizer.step_count = int(arrays["optim.step_count"])
+
+    def halt(self, drain_digests: Callable[[], None]) -> dict[str, int]:
+        """Settle after another worker's failure: links closed (helpers waiting on them give
+        up), the loader stopped, every pending digest sent and snapshot written. Returns the
+        snapshot regions to hand to the coordinator (``region``, ``held:S.R``)."""
+        self.close_links()
+        self.stop_loader()
+        drain_digests()
+        self.wait_snapshot()
+        fds = {"region": self.region.fd} if self.region is not None else {}
+        fds.update({f"held:{key}": fd for key, fd in self.held.items()})
+        return fds
+
+    def restore(self, step: int, generation: int, links: dict[str, dict[str, Any]],
+                state_root: int) -> None:
+        """Continue from the end of ``step``: the state of that step (rolled back from the
+        own snapshots if this worker got further), new links, a new loader."""
+        self.place = dataclasses.replace(self.place, generation=generation)
+        self.stage.discard_step()
+        if step != self.applied_step:
+            if self.region is None:
+                raise SnapshotError(f"{self.place}: no snapshot to roll back to step {step}")
+            load_arrays(self.stage, self.region.read(step))
+        if self.region is not None:
+            self.region.forget_after(step)
+        self.applied_step = step
+        self.open_links(links, Grid(self.config.stages, self.config.replicas))
+        hooks.current().recovery_phase(self.place, step, "state_transfer")
+        self.sync_state(state_root)
+        hooks.current().state_restored(self.place, self.stage)
+        self.start_loader(step + 1)
+
+    def hold(self, fds: dict[str, int]) -> None:
+        """Keep the regions of ``fds`` (named ``held:S.R``) open; replaces older ones."""
+        for name, fd in fds.items():
+            if name.startswith("held:"):
+                key = name[5:]
+                if key in self.held:
+                    close_all([self.held[key]])
+                self.held[key] = fd
 
     def close(self) -> None:
         """Stop every thread and close every link, in the reverse order of building."""
@@ -109,71 +261,68 @@ def build_parts(init: messages.Init, transport: Any, inbox: Inbox, report_digest
     grid = Grid(init.num_stages, config.replicas)
     first, stop = init.layers
     is_first, is_last = init.stage == 0, init.stage == init.num_stages - 1
+    fds = transport.take(init.fds)
     with contextlib.ExitStack() as undo:
-        loader = None
-        if is_first or is_last:
-            workload = prepare(config.data_spec())
-            loader = Loader(workload, replica=init.replica, replicas=config.replicas,
-                            microbatches=config.microbatches, need_x=is_first, need_y=is_last,
-                            threads=config.loader_threads, prefetch=config.prefetch,
-                            augment=config.augmentation, seed=config.seed,
-                            dtype=np.dtype(config.dtype), place=place)
-            undo.callback(loader.stop)
-            loader.start(init.start_step + 1, workload.total_steps)
+        undo.callback(lambda: close_all(fds))  # what was not taken over by the end
+        workload = prepare(config.data_spec()) if is_first or is_last else None
         digester = DigestThread(report_digests)
         undo.callback(digester.close)
-        channels: dict[str, Channel] = {}
-        undo.callback(lambda: [channel.close() for channel in channels.values()])
-        receivers = Receivers(inbox, op_timeout_s=init.op_timeout_s)
-        undo.callback(receivers.stop)  # before the channels are closed: it polls their fds
-        peers = grid.links(Position(init.stage, init.replica))
-        for name, endpoint in init.links.items():
-            if name not in peers:
-                raise ProtocolError(f"{place}: init names a link {name!r} it has no peer for")
-            peer = peers[name]
-            channel = transport.open_link(name, endpoint, init.op_timeout_s)
-            channels[name] = channel
-            channels[name] = hooks.current().wrap_channel(
-                place, hooks.Place(hooks.STAGE, peer.stage, peer.replica, init.generation),
-                channel)
-            receivers.start(name, channels[name])
-
-        def next_microbatch(step: int, microbatch: int) -> MicroBatch:
-            alive()
-            return loader.get(step, microbatch)
-
-        chain = _Chain(channels, inbox, init.op_timeout_s, alive, str(place))
-        reducer = None
-        if config.replicas > 1:
-            reducer = ReduceThread(
-                init.replica, config.replicas, lambda step: chain.links(Kind.REDUCE, step),
-                before_reduce=lambda step, names: hooks.current().before_reduce(place, step,
-                                                                                names))
-            undo.callback(reducer.close)
         stage = Stage(model=config.model_spec(), index=init.stage, num_stages=init.num_stages,
                       first_layer=first, stop_layer=stop,
-                      source=next_microbatch if loader else None,
-                      on_grads_final=reducer.submit if reducer else None)
-        if init.resume_from:
+                      source=(lambda step, mb: parts.next_microbatch(step, mb))
+                      if workload else None,
+                      on_grads_final=lambda step, grads: parts.reducer.submit(step, grads))
+        actions = build_schedule(config.schedule, init.num_stages, config.microbatches)
+        parts = Parts(place=place, config=config, workload=workload, stage=stage,
+                      actions=actions[init.stage], inbox=inbox, transport=transport,
+                      alive=alive, op_timeout_s=init.op_timeout_s, digester=digester,
+                      applied_step=init.start_step)
+        parts._chain = _Chain(parts.channels, inbox, init.op_timeout_s, alive, str(place))
+        if config.replicas == 1:
+            stage.on_grads_final = None
+        undo.callback(parts.stop_loader)
+        undo.callback(parts.close_links)
+        undo.callback(lambda: close_all(parts.held))
+        parts.hold({name: fds.pop(name) for name in list(fds) if name.startswith("held:")})
+        if init.state_source == "checkpoint":
             manifest = checkpoint.verify(Path(init.resume_from))
             stage.load_state(*checkpoint.load_state(manifest, stage.names))
+        if init.snapshots:
+            arrays = state_arrays(stage)
+            if init.state_source == "snapshot":
+                parts.region = Region.attach(fds.pop("region"), arrays)
+                load_arrays(stage, parts.region.read(init.start_step))
+                parts.region.forget_after(init.start_step)
+            else:
+                parts.region = _new_region(place, arrays)
+            if parts.region is not None:
+                undo.callback(parts.region.close)
+                parts.snapshots = SnapshotThread(
+                    parts.region, lambda: state_arrays(stage),
+                    before_copy=lambda step: hooks.current().snapshot_copy(parts.place, step))
+                undo.callback(parts.snapshots.close)
+        parts.open_links(init.links, grid)
+        if init.state_source in ("peer", "snapshot"):  # a replacement, in place
+            hooks.current().recovery_phase(place, init.start_step, "state_transfer")
+        parts.sync_state(init.state_root)
+        if init.state_source != "init":
             hooks.current().state_restored(place, stage)
-        if reducer is not None:
-            sync_weights(stage, chain, init.replica, config.replicas)
-        actions = build_schedule(config.schedule, init.num_stages, config.microbatches)
-        parts = Parts(place=place, config=config, stage=stage, actions=actions[init.stage],
-                      loader=loader, digester=digester, reducer=reducer, channels=channels,
-                      receivers=receivers, op_timeout_s=init.op_timeout_s,
-                      _undo=undo.pop_all())
+        parts.start_loader(init.start_step + 1)
+        parts.snapshot(init.start_step)
+        parts._undo = undo.pop_all()
     return parts
 
 
-def sync_weights(stage: Stage, chain: _Chain, replica: int, replicas: int) -> None:
-    """Replica 0's parameters to every replica (they agree by construction; this makes sure of
-    it after a start, a restart or a resume)."""
-    params = [stage.params[name] for name in stage.names]
-    flat = allreduce.flatten(params)
-    links = chain.links(Kind.PARAMETER, 0)
-    allreduce.broadcast_from_first(flat, replica, replicas, send_next=links["send_next"],
-                                   recv_prev=links["recv_prev"])
-    allreduce.unflatten(flat, params)
+def _new_region(place: hooks.Place, arrays: dict[str, np.ndarray]) -> Region | None:
+    """A snapshot region; without one (memory or a file-size limit refused it) the worker
+    runs on, and its failure falls back to the newest disk checkpoint."""
+    try:
+        return Region.create(region_name(place), arrays)
+    except OSError as exc:
+        import sys
+
+        sys.stderr.write(f"{place}: no in-memory snapshot ({exc}); a failure of this worker "
+                         "restarts the group from the newest checkpoint\n")
+        return None
+
+

@@ -5,10 +5,18 @@ abort (a second SIGINT: exit 130 at once), pause (SIGTSTP: every process idle un
 checkpoint (SIGUSR1, or periodic), stop (SIGTERM / SIGINT: checkpoint, exit 0), and at the end of
 an epoch, epoch-stop (SIGUSR2: checkpoint, exit 0). Nothing happens inside a step, so every
 checkpoint is consistent: all stages hold the parameters of the same step.
+
+A failed worker is replaced in place (``pipetrain.runtime.recovery``): the others keep running,
+and the run continues from the last step (R >= 2) or at most one step earlier (R = 1). When that
+is impossible (the in-memory state is gone) the whole group restarts from the newest intact
+checkpoint, as it does under MPI through the launcher's own loop. A worker that fails before it
+is ready fails the run at once (no restart would help), and so does a write the run directory
+cannot take (a full disk): one line naming the file, the half-written checkpoint removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -16,20 +24,26 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipetrain import hooks
-from pipetrain.config import ConfigError, TrainConfig
+from pipetrain.config import TrainConfig
 from pipetrain.data.workload import Workload
 from pipetrain.run import checkpoint
+from pipetrain.run.lock import start_ticks
 from pipetrain.run.metrics import EpochLosses
 from pipetrain.run.observers import observe
 from pipetrain.run.progress import Progress
 from pipetrain.run.rundir import RunDir, read_events, save_params
+from pipetrain.run.storage import StorageError
 from pipetrain.runtime.coordinator import Aborted, Coordinator
-from pipetrain.runtime.diagnosis import WorkerFailed
+from pipetrain.runtime.courier import CourierError
+from pipetrain.runtime.diagnosis import StartupFailed, WorkerFailed
 from pipetrain.runtime.launcher import Launcher, PipeLauncher
 from pipetrain.runtime.proctitle import set_title
+from pipetrain.runtime.recovery import RecoveryImpossible
 from pipetrain.runtime.signals import SignalControl, signal_control
+from pipetrain.runtime.snapshot import SnapshotError
 from pipetrain.status import ExitCode, RunState
 from pipetrain.train.evaluate import held_out_params, load_workload
+from pipetrain.train.resume import dataset_digest, resume_point
 
 STATE_UPDATE_INTERVAL_S = 0.5
 # Builds the launcher of a run from its config: pipes by default, MPI ranks under mpirun.
@@ -38,25 +52,6 @@ LauncherFactory = Callable[[TrainConfig], Launcher]
 
 def pipe_launcher(config: TrainConfig) -> Launcher:
     return PipeLauncher(config.blas_threads)
-
-
-def resume_point(run: RunDir, config: TrainConfig) -> checkpoint.Manifest | None:
-    """The newest intact checkpoint (damaged ones are reported and skipped)."""
-    manifest, refused = checkpoint.find_intact(run.checkpoints)
-    for reason in refused:
-        print(f"pipetrain: refusing checkpoint: {reason}", file=sys.stderr)
-    if manifest is not None:
-        differing = checkpoint.config_differences(manifest, config.math_config())
-        if "epochs" in differing and config.epochs >= manifest.config.get("epochs", 0):
-            # More epochs only add steps: batches are pure functions of (seed, epoch, step),
-            # so the steps done so far are the same either way.
-            differing.remove("epochs")
-        if differing:
-            raise ConfigError(
-                f"{manifest.path}: written with a different config (differing keys: "
-                f"{', '.join(differing)}); resume with the same values or use a new --run-dir"
-            )
-    return manifest
 
 
 class TrainingRun:
@@ -72,6 +67,7 @@ class TrainingRun:
         self.coordinator = Coordinator(config, run, signals, launcher)
         self.last_checkpoint_step: int | None = None
         self.step = 0
+        self.emitted_step = 0  # the last step whose event is written
         self.restarts = 0
         self.pending_restart: dict | None = None
         self._state_written = 0.0
@@ -117,8 +113,8 @@ class TrainingRun:
         if requests.paused and not requests.stop:
             self.wait_while_paused(step)
         if requests.checkpoint:
-            requests.checkpoint = False
             self.write_checkpoint(step)
+            requests.checkpoint = False  # only once written: a failure in between keeps it
         epoch_done = step > 0 and step % self.workload.steps_per_epoch == 0
         if requests.stop or (requests.epoch_stop and epoch_done):
             self.write_checkpoint(step)
@@ -130,45 +126,89 @@ class TrainingRun:
     # -- failures ----------------------------------------------------------------------------
 
     def supervise(self, start_step: int, resume_from: Path | None) -> RunState:
-        """Train, restarting the whole worker group after a failure, up to max_restarts."""
-        step = start_step
+        """Train, recovering from worker failures up to max_restarts times."""
+        step, group_start = start_step, True
         while True:
             try:
-                self.coordinator.start(resume_from=resume_from, start_step=step)
-                self.run.update_state(state=RunState.RUNNING, worker_pids=self.coordinator.pids,
-                                      **self.launcher.state_fields(self.coordinator.workers))
-                if not (self.run.path / "initial.npz").exists():
-                    save_params(self.run.path / "initial.npz", self.coordinator.gather_params())
-                if self.restarts == 0:
-                    self.run.emit("run_start", command="train",
-                                  total_steps=self.workload.total_steps, from_step=step,
-                                  config=self.config.to_json(),
-                                  segments=[list(b) for b in self.coordinator.bounds])
+                if group_start:
+                    self.coordinator.start(resume_from=resume_from, start_step=step)
+                    self.record_workers()
+                    if not (self.run.path / "initial.npz").exists():
+                        save_params(self.run.path / "initial.npz",
+                                    self.coordinator.gather_params())
+                    if self.restarts == 0:
+                        self.run.emit("run_start", command="train",
+                                      total_steps=self.workload.total_steps, from_step=step,
+                                      config=self.config.to_json(),
+                                      segments=[list(b) for b in self.coordinator.bounds])
+                    self.launcher.keep_spare(self.run.path / "logs",
+                                             self.coordinator.generation)
                 return self.train(step)
+            except StartupFailed:
+                raise
             except WorkerFailed as exc:
-                failed_at = time.monotonic()
-                self.report_exits(self.coordinator.shutdown(graceful=False))
-                if not self.launcher.restartable:  # MPI: the launcher's loop restarts
-                    raise WorkerFailed(
-                        f"{exc} (--transport {self.config.transport} does not restart ranks in "
-                        "place: run the same command with --resume to continue from the "
-                        "newest checkpoint)") from exc
-                if self.restarts >= self.config.max_restarts:
-                    raise WorkerFailed(
-                        f"{exc} (after {self.restarts} restart(s); --max-restarts is "
-                        f"{self.config.max_restarts})") from exc
-                self.restarts += 1
-                manifest, refused = checkpoint.find_intact(self.run.checkpoints)
-                for reason in refused:
-                    print(f"pipetrain: refusing checkpoint: {reason}", file=sys.stderr)
-                step = manifest.step if manifest else 0
-                resume_from = manifest.path if manifest else None
-                self.last_checkpoint_step = step if manifest else None
-                self.run.update_state(state=RunState.RECOVERING, restarts=self.restarts)
-                self.progress.message(f"{exc}; restarting from step {step} "
-                                      f"(restart {self.restarts} of {self.config.max_restarts})")
-                self.pending_restart = {"from_step": step, "cause": str(exc),
-                                        "restart": self.restarts, "failed_at": failed_at}
+                step, group_start, resume_from = self.recover(exc)
+
+    def recover(self, exc: WorkerFailed) -> tuple[int, bool, Path | None]:
+        """After ``exc``: replace the failed worker in place, or else restart the group from
+        the newest checkpoint. Returns (the step to continue after, whether the group was
+        restarted, the checkpoint it starts from)."""
+        failed_at = time.monotonic()
+        if not self.launcher.restartable:  # MPI: the launcher's loop restarts
+            self.report_exits(self.coordinator.shutdown(graceful=False))
+            raise WorkerFailed(
+                f"{exc} (--transport {self.config.transport} does not restart ranks in "
+                "place: run the same command with --resume to continue from the "
+                "newest checkpoint)") from exc
+        if self.restarts >= self.config.max_restarts:
+            self.report_exits(self.coordinator.shutdown(graceful=False))
+            raise WorkerFailed(f"{exc} (after {self.restarts} restart(s); --max-restarts is "
+                               f"{self.config.max_restarts})") from exc
+        self.restarts += 1
+        lost_from = self.emitted_step
+        self.run.update_state(state=RunState.RECOVERING, restarts=self.restarts)
+        pending = {"cause": str(exc), "restart": self.restarts, "failed_at": failed_at}
+        fallback = None
+        if self.launcher.replaceable:
+            try:
+                outcome = self.coordinator.recover(exc, lost_from)
+            except StartupFailed:
+                raise
+            except (WorkerFailed, RecoveryImpossible, SnapshotError, CourierError,
+                    OSError) as why:
+                fallback = str(why)
+            else:
+                self.report_exits(self.coordinator.take_departed())
+                self.record_workers()
+                roles = ", ".join(worker.role for worker in outcome.replaced)
+                self.progress.message(f"{exc}; replaced {roles}, continuing after step "
+                                      f"{outcome.step} (restart {self.restarts} of "
+                                      f"{self.config.max_restarts})")
+                self.pending_restart = {
+                    **pending, "from_step": outcome.step, "steps_lost": lost_from - outcome.step,
+                    "mode": "in_place", "replaced": [w.role for w in outcome.replaced],
+                    "state_from": sorted(set(outcome.sources.values())),
+                    "survivor_steps": outcome.survivor_steps}
+                return outcome.step, False, None
+        departed = self.coordinator.take_departed()
+        self.report_exits(departed + [worker for worker in self.coordinator.shutdown(
+            graceful=False) if all(worker is not gone for gone in departed)])
+        manifest, refused = checkpoint.find_intact(self.run.checkpoints)
+        for reason in refused:
+            print(f"pipetrain: refusing checkpoint: {reason}", file=sys.stderr)
+        step = manifest.step if manifest else 0
+        self.last_checkpoint_step = step if manifest else None
+        why = f" (in place impossible: {fallback})" if fallback else ""
+        self.progress.message(f"{exc}; restarting every worker from step {step}{why} "
+                              f"(restart {self.restarts} of {self.config.max_restarts})")
+        self.pending_restart = {**pending, "from_step": step, "steps_lost": lost_from - step,
+                                "mode": "group", "state_from": ["checkpoint" if manifest
+                                                                else "initial"]}
+        return step, True, manifest.path if manifest else None
+
+    def record_workers(self) -> None:
+        self.run.update_state(state=RunState.RUNNING, worker_pids=self.coordinator.pids,
+                              **self.launcher.state_fields(self.coordinator.workers))
 
     def report_exits(self, workers) -> None:
         for worker in workers:
@@ -181,6 +221,8 @@ class TrainingRun:
         pending, self.pending_restart = self.pending_restart, None
         recovery_s = time.monotonic() - pending.pop("failed_at")
         self.run.emit("restart", recovery_s=round(recovery_s, 6), **pending)
+        # Only now: a spare starting up would slow the first step the recovery time includes.
+        self.launcher.keep_spare(self.run.path / "logs", self.coordinator.generation)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -216,6 +258,7 @@ class TrainingRun:
                        for worker, reply in zip(self.coordinator.workers, replies, strict=True)]
             run.emit("step", epoch=epoch, step=step, loss=loss, grad_digest=digest,
                      metrics=metrics)
+            self.emitted_step = step
             self.epoch_losses.add(step, loss)
             self._note_progress(step, epoch, loss)
             if step % steps_per_epoch == 0:
@@ -280,20 +323,22 @@ def run_training(config: TrainConfig, run_dir: Path, *, quiet: bool = False,
 
 def _run(training: TrainingRun, resume: bool) -> int:
     config, run, workload = training.config, training.run, training.workload
-    checkpoint.remove_stale_temporaries(run.checkpoints)
-    manifest = resume_point(run, config) if resume else None
-    start_step = manifest.step if manifest else 0
     coordinator = training.coordinator
-    run.update_state(
-        command="train", state=RunState.STARTING, config=config.to_json(),
-        config_digest=config.math_digest(), coordinator_pid=os.getpid(), worker_pids=[],
-        step=start_step, epoch=start_step // workload.steps_per_epoch,
-        total_steps=workload.total_steps, segments=[list(b) for b in coordinator.bounds],
-    )
+    coordinator.data_digest = dataset_digest(config)
+    manifest = resume_point(run, config, coordinator.data_digest) if resume else None
+    start_step = manifest.step if manifest else 0
     try:
+        checkpoint.remove_stale_temporaries(run.checkpoints)
+        run.update_state(
+            command="train", state=RunState.STARTING, config=config.to_json(),
+            config_digest=config.math_digest(), coordinator_pid=os.getpid(),
+            coordinator_start_ticks=start_ticks(os.getpid()), worker_pids=[],
+            step=start_step, epoch=start_step // workload.steps_per_epoch,
+            total_steps=workload.total_steps, segments=[list(b) for b in coordinator.bounds],
+        )
         if manifest is not None:
             training.last_checkpoint_step = manifest.step
-        training.step = start_step
+        training.step = training.emitted_step = start_step
         outcome = training.supervise(start_step, manifest.path if manifest else None)
         if outcome == RunState.DONE:
             save_params(run.path / "final.npz", coordinator.gather_params())
@@ -307,10 +352,22 @@ def _run(training: TrainingRun, resume: bool) -> int:
         run.update_state(state=RunState.FAILED, error=message)
         print(f"pipetrain: {message}", file=sys.stderr)
         return ExitCode.FAILED
+    except StorageError as exc:
+        message = f"run failed: {exc}"
+        # Say so wherever the disk still lets us (the events file may be the full one).
+        with contextlib.suppress(StorageError):
+            run.emit("error", message=message)
+            run.emit("run_end", status=RunState.FAILED, step=training.emitted_step)
+        with contextlib.suppress(StorageError):
+            run.update_state(state=RunState.FAILED, error=message)
+        print(f"pipetrain: {message}", file=sys.stderr)
+        return ExitCode.FAILED
     except Aborted:
         run.emit("run_end", status=RunState.ABORTED)
         run.update_state(state=RunState.ABORTED)
         print("pipetrain: aborted (second interrupt); no checkpoint written", file=sys.stderr)
         return ExitCode.ABORTED
     finally:
-        training.report_exits(coordinator.shutdown())
+        with contextlib.suppress(StorageError):  # a full disk: the workers still go
+            training.report_exits(coordinator.shutdown())
+        training.launcher.close()

@@ -119,6 +119,33 @@ def broadcast_from_first(
     return flat
 
 
+def broadcast_from(
+    arrays: list[np.ndarray], rank: int, size: int, root: int, *, send_next: Send | None,
+    send_prev: Send | None, recv_prev: Receive | None, recv_next: Receive | None,
+) -> None:
+    """Copy rank ``root``'s ``arrays`` to every rank, in place, along the chain both ways
+    (ranks below the root get them through the ranks between, and so do the ranks above).
+    Chunks are numbered across the arrays, in order."""
+    if not 0 <= root < size:
+        raise ValueError(f"broadcast root {root} outside 0..{size - 1}")
+    index = 0
+    for array in arrays:
+        flat = array.reshape(-1)
+        for part in chunk_bounds(flat.size, flat.itemsize):
+            if rank < root:
+                data = recv_next(index)
+            elif rank > root:
+                data = recv_prev(index)
+            if rank != root:
+                _check(data, flat[part], index, "state broadcast")
+                flat[part] = data
+            if rank <= root and rank > 0:
+                send_prev(index, flat[part])
+            if rank >= root and rank < size - 1:
+                send_next(index, flat[part])
+            index += 1
+
+
 def _check(received: np.ndarray, expected: np.ndarray, index: int, phase: str) -> None:
     if received.shape != expected.shape or received.dtype != expected.dtype:
         raise ValueError(f"all-reduce {phase} chunk {index}: got {received.dtype}"

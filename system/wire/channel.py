@@ -20,6 +20,11 @@ class ChannelClosed(EOFError):
     """The peer closed its end (cleanly, at a frame boundary), or this channel is closed."""
 
 
+class ClosedMidFrame(ChannelClosed):
+    """The peer's end closed in the middle of a frame: it died while sending (a
+    :class:`~pipetrain.wire.frames.ProtocolError` too, the stream being cut)."""
+
+
 class ChannelTimeout(TimeoutError):
     """The deadline passed before the operation completed."""
 

@@ -18,7 +18,7 @@ import time
 import crc32c
 import numpy as np
 
-from pipetrain.wire.channel import Channel, ChannelClosed, ChannelTimeout
+from pipetrain.wire.channel import Channel, ChannelClosed, ChannelTimeout, ClosedMidFrame
 from pipetrain.wire.frames import (
     DEFAULT_MAX_FRAME_BYTES,
     HEADER_SIZE,
@@ -188,8 +188,8 @@ class PipeChannel(Channel):
             if n == 0:
                 if offset + got == 0:
                     raise ChannelClosed(f"{self.name}: peer closed the pipe")
-                raise ProtocolError(f"{self.name}: truncated frame: got {offset + got} of "
-                                    f"{total} bytes of {what} before end-of-file")
+                raise TruncatedFrame(f"{self.name}: truncated frame: got {offset + got} of "
+                                     f"{total} bytes of {what} before end-of-file")
             if chunk is not None:
                 crc = crc32c.crc32c(buf[got:got + n], crc)
             got += n
@@ -254,6 +254,11 @@ class PipeChannel(Channel):
 
     def __repr__(self) -> str:
         return f"PipeChannel({self.name!r}, read_fd={self._read_fd}, write_fd={self._write_fd})"
+
+
+class TruncatedFrame(ProtocolError, ClosedMidFrame):
+    """End-of-file inside a frame: a protocol error for the stream, and for whoever waits on
+    it the peer closing (most likely its death; the coordinator names the cause)."""
 
 
 def _deadline(timeout_s: float | None) -> float | None:

@@ -45,14 +45,14 @@ def test_two_kills_one_step_apart_replay_to_two_restarts(tmp_path):
     assert [(e["step"], e["generation"], e["point"]) for e in landed] == [
         (6, 0, "before_step"), (7, 1, "before_step")]
     # Each kill found step N-1 complete and nothing of step N done: the step events before a
-    # landing end at N-1, and the next restart goes back to the checkpoint of step 4.
+    # landing end at N-1, and the killed worker is replaced in place, from step N-1.
     for entry in landed:
         at = events.index(entry)
         steps_before = [e["step"] for e in events[:at] if e.get("event") == "step"]
         assert steps_before[-1] == entry["step"] - 1
         after = events[at + 1:]
         restart = next(e for e in after if e.get("event") == "restart")
-        assert restart["from_step"] == 4
+        assert restart["from_step"] == entry["step"] - 1 and restart["mode"] == "in_place"
         assert all(e.get("event") != "step" for e in after[:after.index(restart)])
 
 

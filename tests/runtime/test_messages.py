@@ -19,10 +19,20 @@ QUICK = {"database": None, "deadline": None, "max_examples": 50}
 
 EXAMPLES = [
     messages.Init(config={"stages": 2, "layers": [4, 3]}, stage=1, replica=0, num_stages=2,
-                  layers=[1, 2], links={"upstream": {"read_fd": 5, "write_fd": 6}},
+                  layers=[1, 2],
+                  links={"upstream": {"read": "upstream.read", "write": "upstream.write"}},
                   op_timeout_s=60.0, heartbeat_interval_s=1.0, heartbeat_timeout_s=5.0,
                   generation=2, start_step=40, resume_from="/runs/a/step-00000040",
-                  log_path="/runs/a/logs/stage-1.log"),
+                  log_path="/runs/a/logs/stage-1.log",
+                  fds=["upstream.read", "upstream.write", "region"], state_source="snapshot",
+                  state_root=1, snapshots=True),
+    messages.Hold(fds=["held:1.0"]), messages.Halt(),
+    messages.Restore(step=39, generation=3, links={"downstream": {"rank": 4}}, fds=[],
+                     state_root=-1),
+    messages.Halted(step=40, snapshots=[38, 39, 40], held={"1.0": [39, 40]},
+                    fds=["region", "held:1.0"]),
+    messages.Restored(step=39),
+    messages.Ready(pid=123, region=True),
     messages.Step(step=7), messages.SendParams(),
     messages.WriteCheckpoint(directory="/x/.step-00000008.tmp-1", step=8), messages.Stop(),
     messages.Ready(pid=123), messages.Heartbeat(),
@@ -33,6 +43,8 @@ EXAMPLES = [
     messages.Digests(step=7, digests=["ab" * 32, None]),
     messages.ParamsFollow(names=["layers.0.weight", "layers.0.bias"]),
     messages.Checkpointed(params_digest="cd" * 32, file="segment-0.npz", sha256="ef" * 32),
+    messages.Checkpointed(params_digest="cd" * 32, error="x/segment-0.npz: No space left on "
+                          "device (ENOSPC)"),
     messages.Failed(message="stage 1: boom", traceback="Traceback ...", consequence=True),
     messages.Exited(status=0, pid=99),
 ]

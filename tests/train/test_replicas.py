@@ -62,10 +62,10 @@ def test_replicas_change_the_reduction_order(reference):
 
 
 @pytest.mark.parametrize("victim", [0, 1])
-def test_killed_replica_mid_run_restarts_the_group_bitwise(tmp_path, victim):
+def test_killed_replica_mid_run_is_replaced_from_its_peer_bitwise(tmp_path, victim):
     """A replica killed while the other may be inside the overlapped all-reduce (its helper
-    thread waiting on the dead replica): the survivor must notice, the group restart from the
-    last checkpoint, and the result still be the reference's."""
+    thread waiting on the dead replica): the survivor must notice and halt, the replacement
+    take the survivor's state (no step lost), and the result still be the reference's."""
     args = ["--stages", "1", "--replicas", "2", "--epochs", "3", "--batch-size", "64",
             "--microbatches", "1", "--checkpoint-every", "8", "--quiet"]
     reference_dir = tmp_path / "reference"
@@ -86,6 +86,7 @@ def test_killed_replica_mid_run_restarts_the_group_bitwise(tmp_path, victim):
             proc.kill()
             proc.communicate()
     restarts = [e for e in events(run_dir) if e["event"] == "restart"]
-    assert len(restarts) == 1 and restarts[0]["from_step"] % 8 == 0, restarts
+    assert len(restarts) == 1 and restarts[0]["mode"] == "in_place", restarts
+    assert restarts[0]["steps_lost"] == 0 and restarts[0]["state_from"] == ["peer"], restarts
     assert_bitwise_equal(load_params(run_dir), load_params(reference_dir))
     assert_no_survivors(run_dir)

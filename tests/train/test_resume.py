@@ -218,3 +218,48 @@ def test_kill_9_while_checkpointing_every_step_leaves_a_loadable_one(tmp_path, r
     result = resume(run_dir)
     assert_resumed_like_reference(run_dir, reference, result, from_step=intact.step)
     assert intact.step >= 15
+
+
+def test_resume_with_another_replica_count_is_refused_saying_why(stopped):
+    events_before = (stopped / "events.jsonl").read_bytes()
+    result = resume(stopped, "--replicas", "2")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "--replicas 1, not 2" in lines[0] and "changes the bits" in lines[0], lines[0]
+    assert (stopped / "events.jsonl").read_bytes() == events_before
+
+
+def csv_dataset(path: Path, rows: int = 300) -> Path:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.random((rows, 8))
+    y = rng.integers(0, 3, rows)
+    lines = [",".join([*(f"f{i}" for i in range(8)), "label"])]
+    lines += [",".join([*(f"{v:.6f}" for v in row), str(label)]) for row, label in zip(x, y,
+                                                                                   strict=True)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_resume_on_a_changed_dataset_is_refused_naming_the_file(tmp_path):
+    data = csv_dataset(tmp_path / "data.csv")
+    run_dir = tmp_path / "run"
+    options = ("--dataset", str(data), "--layers", "8,16,3", "--stages", "2", "--epochs", "2",
+               "--checkpoint-every", "3", "--quiet")
+    run_cli("train", "--run-dir", str(run_dir), *options, check=True)
+    state = run_state(run_dir)
+    state["state"] = "stopped"
+    (run_dir / "run.json").write_text(json.dumps(state))
+    manifest = checkpoint.find_intact(run_dir / "checkpoints")[0]
+    assert manifest.data["file"] == str(data) and len(manifest.data["sha256"]) == 64
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n")  # rows reordered
+    events_before = (run_dir / "events.jsonl").read_bytes()
+    result = run_cli("train", "--run-dir", str(run_dir), "--resume", "--quiet")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert str(data) in lines[0] and "changed since" in lines[0], lines[0]
+    assert (run_dir / "events.jsonl").read_bytes() == events_before

@@ -1,4 +1,5 @@
-"""Killed, frozen and failing workers: the run recovers by itself and ends bitwise equal."""
+"""Killed, frozen and failing workers: the run recovers by itself and ends bitwise equal; a
+worker that cannot even start fails the run at once."""
 
 from __future__ import annotations
 
@@ -71,7 +72,9 @@ def test_killed_worker_is_replaced_and_nothing_is_lost(tmp_path, reference, role
     assert status == 0, proc
     restarts = [e for e in events(run_dir) if e["event"] == "restart"]
     assert len(restarts) == 1, restarts
-    assert restarts[0]["from_step"] % 8 == 0 and restarts[0]["recovery_s"] > 0
+    # Only the victim is replaced, from the in-memory state: at most one step is lost.
+    assert restarts[0]["mode"] == "in_place" and restarts[0]["steps_lost"] <= 1, restarts
+    assert restarts[0]["from_step"] >= at_step - 1 and restarts[0]["recovery_s"] > 0
     exits = [e for e in events(run_dir) if e["event"] == "worker_exit"]
     # SIGTERM asks a worker to leave cleanly (status 0), unless the group is torn down first
     # (SIGKILL); the other signals kill it outright.
@@ -95,7 +98,7 @@ def test_frozen_worker_is_detected_within_the_heartbeat_timeout(tmp_path, refere
     assert status == 0
     restart = next(e for e in events(run_dir) if e["event"] == "restart")
     assert "no heartbeat" in restart["cause"] and "stage 1" in restart["cause"]
-    assert restart["recovery_s"] < 10
+    assert restart["recovery_s"] < 10 and restart["mode"] == "in_place"
     assert not psutil.pid_exists(frozen) or psutil.Process(frozen).status() == "zombie"
     assert_bitwise_equal(load_params(run_dir), load_params(reference))
 
@@ -157,3 +160,37 @@ def test_coordinator_killed_takes_its_workers_with_it(tmp_path):
         finish(proc)
     gone, alive = psutil.wait_procs(workers, timeout=2)
     assert not alive, f"workers outlived the coordinator: {alive}"
+
+
+# Installs hooks whose worker command for stage 1 fails at start, like an import error would.
+BROKEN_START = """
+import sys
+from pipetrain import cli, hooks
+class BrokenStart(hooks.Hooks):
+    def worker_command(self, place, argv):
+        if place.stage != 1:
+            return argv
+        return [argv[0], "-c", "import sys; print('Traceback (most recent call last):'); "
+                "print('ModuleNotFoundError: No module named boom'); sys.exit(1)"]
+hooks.install(BrokenStart())
+cli.main(sys.argv[1:])
+"""
+
+
+def test_a_worker_that_cannot_start_fails_the_run_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    run_dir = tmp_path / "train"
+    result = subprocess.run([sys.executable, "-c", BROKEN_START, "train", "--run-dir",
+                             str(run_dir), *BASE], capture_output=True, text=True, timeout=120,
+                            cwd=REPO, env=cli_env())
+    assert result.returncode == 1, result
+    assert "stage 1" in result.stderr and "failed while starting" in result.stderr
+    assert "No module named boom" in result.stderr  # the worker's own last lines
+    assert "Traceback" not in result.stderr.splitlines()[0]
+    assert [e for e in events(run_dir) if e["event"] == "restart"] == []
+    assert run_state(run_dir)["state"] == "failed"
+    assert_no_survivors(run_dir)
