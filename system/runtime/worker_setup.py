@@ -153,7 +153,8 @@ def build_parts(init: messages.Init, transport: Any, inbox: Inbox, report_digest
         stage = Stage(model=config.model_spec(), index=init.stage, num_stages=init.num_stages,
                       first_layer=first, stop_layer=stop,
                       source=next_microbatch if loader else None,
-                      on_grads_final=reducer.submit if reducer else None)
+                      on_grads_final=reducer.submit if reducer else None,
+                      replica=init.replica)
         if init.resume_from:
             manifest = checkpoint.verify(Path(init.resume_from))
             stage.load_state(*checkpoint.load_state(manifest, stage.names))

@@ -210,10 +210,11 @@ class TrainingRun:
             self._note_progress(step, epoch, loss)
             if step % steps_per_epoch == 0:
                 run.emit("epoch_end", epoch=epoch, step=step, loss=loss)
-                acc = evaluate_params(self.coordinator.gather_params(), config, workload)
-                run.emit("evaluate", epoch=epoch, step=step, accuracy=acc)
-                self.progress.epoch(epoch, loss, acc)
-                run.update_state(epoch=epoch + 1, accuracy=acc, durable=False)
+                metrics = evaluate_params(self.coordinator.gather_params(), config, workload)
+                run.emit("evaluate", epoch=epoch, step=step, **metrics)
+                self.progress.epoch(epoch, loss, metrics.get("accuracy"))
+                run.update_state(epoch=epoch + 1, accuracy=metrics.get("accuracy"),
+                                 eval_loss=metrics["loss"], durable=False)
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 self.write_checkpoint(step)
 
