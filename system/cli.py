@@ -38,6 +38,7 @@ from pipetrain.data.datasets import NORMALIZATIONS  # noqa: E402
 from pipetrain.nn.optim import OPTIMIZERS  # noqa: E402
 from pipetrain.status import ACTIVE_STATES, ExitCode, RunState, UserError  # noqa: E402
 from pipetrain.threads import CONTROL_SIGNALS  # noqa: E402
+from pipetrain.train import sample  # noqa: E402
 
 
 class UsageError(UserError):
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parser(name, help=text).add_argument("run_dir")
     commands.add_parser("bench", help="the benchmark suite: python -m bench.run [ARGS] "
                         "(--quick, --repeats N, --out DIR)")
+    sample.add_parser(commands)
     status = commands.add_parser("status", help="state of a run")
     status.add_argument("run_dir")
     status.add_argument("--json", action="store_true")
@@ -205,6 +207,8 @@ def run(argv: list[str] | None = None) -> int:
         return send_control(args.command, args.run_dir)
     if args.command == "status":
         return show_status(args.run_dir, args.json)
+    if args.command == "sample":
+        return sample.run_sample(args)
     from threadpoolctl import threadpool_limits
 
     if args.command == "train":  # --transport mpi: every rank of `mpirun -n N ...` comes here
