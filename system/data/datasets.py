@@ -25,6 +25,7 @@ import numpy as np
 from pipetrain.status import UserError
 
 DIGITS = "digits"
+BUILT_IN = (DIGITS, "sort")  # dataset names that are not paths (sort: pipetrain.data.sequences)
 NORMALIZATIONS = ("none", "standard", "minmax")
 
 

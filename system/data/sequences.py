@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipetrain.data.datasets import DataError, Dataset
+from pipetrain.data.datasets import BUILT_IN, DataError, Dataset
 
-SORT = "sort"
+SORT = BUILT_IN[1]
 SORT_VALUES = 10
 SORT_SEPARATOR, SORT_READING = SORT_VALUES, SORT_VALUES + 1
 SORT_SAMPLES = 20_000

@@ -24,15 +24,38 @@ def relu_backward(pre_activation: np.ndarray, grad_y: np.ndarray) -> np.ndarray:
     return np.where(pre_activation > 0, grad_y, grad_y.dtype.type(0))
 
 
+# GELU runs on the widest activations of a transformer (the MLP's hidden layer), and written
+# as one expression numpy makes a temporary array per operation: in place it is about twice as
+# fast (profiled: it was a quarter of a transformer step).
 def gelu_forward(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """torch's ``gelu(approximate="tanh")``: (output, the tanh its backward reuses)."""
-    t = np.tanh(_GELU_C * (x + _GELU_K * (x * x * x)))
-    return 0.5 * x * (1 + t), t
+    t = x * x
+    t *= _GELU_K
+    t += 1
+    t *= x
+    t *= _GELU_C  # c (x + k x^3)
+    np.tanh(t, out=t)
+    y = t + 1
+    y *= x
+    y *= 0.5
+    return y, t
 
 
 def gelu_backward(x: np.ndarray, t: np.ndarray, grad_y: np.ndarray) -> np.ndarray:
-    inner_grad = _GELU_C * (1 + (3 * _GELU_K) * (x * x))
-    return grad_y * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * inner_grad)
+    """``grad_y * (0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 k x^2))``."""
+    inner_grad = x * x
+    inner_grad *= 3 * _GELU_K
+    inner_grad += 1
+    inner_grad *= _GELU_C
+    out = t * t
+    np.subtract(1, out, out=out)
+    out *= inner_grad
+    out *= x
+    out += t
+    out += 1
+    out *= 0.5
+    out *= grad_y
+    return out
 
 
 def layernorm_forward(x: np.ndarray, weight: np.ndarray,
