@@ -72,7 +72,11 @@ class TrainConfig:
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["layers"] = list(self.layers)
-        data["model"] = None if self.model is None else [spec.to_json() for spec in self.model]
+        # Without [[model]] tables the JSON (run.json, the config digest) is what it always was.
+        if self.model is None:
+            del data["model"]
+        else:
+            data["model"] = [spec.to_json() for spec in self.model]
         return data
 
     def math_config(self) -> dict[str, Any]:
