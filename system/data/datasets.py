@@ -16,52 +16,18 @@ import gzip
 import io
 import math
 import zipfile
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-from pipetrain.status import UserError
+from pipetrain.data.base import BUILT_IN, DIGITS, TASKS, DataError, Dataset
+from pipetrain.data.sequences import SORT, load_text, make_sort
 
-DIGITS = "digits"
-BUILT_IN = (DIGITS, "sort")  # dataset names that are not paths (sort: pipetrain.data.sequences)
+__all__ = ["BUILT_IN", "DIGITS", "NORMALIZATIONS", "TASKS", "DataError", "Dataset",
+           "load_dataset", "normalize"]
+
 NORMALIZATIONS = ("none", "standard", "minmax")
-
-
-class DataError(UserError, ValueError):
-    """A dataset that cannot be used; the message names the file, line and problem."""
-
-
-# What a dataset is evaluated by: accuracy per sample, accuracy of whole sequences, or (a
-# language) only the held-out loss.
-TASKS = ("classify", "sequence", "language")
-
-
-@dataclass(frozen=True)
-class Dataset:
-    name: str
-    x: np.ndarray  # (samples, ...) float64, or int64 tokens (samples, T)
-    y: np.ndarray  # (samples,) or (samples, T), int64, >= 0
-    task: str = "classify"
-    vocab_size: int = 0  # token ids 0..vocab_size-1 (tokens only)
-    vocabulary: str | None = None  # a text's characters, in token-id order
-    contiguous_holdout: bool = False  # hold out the tail (a text), not a seeded choice
-
-    @property
-    def tokens(self) -> bool:
-        return np.issubdtype(self.x.dtype, np.integer)
-
-    @property
-    def num_features(self) -> int:
-        return self.x.shape[1]
-
-    @property
-    def num_classes(self) -> int:
-        if self.vocab_size:
-            return self.vocab_size
-        return int(self.y.max()) + 1 if self.y.size else 0
-
 
 def load_dataset(spec: str, *, context: int | None = None, images: bool = False) -> Dataset:
     """``digits``, ``sort`` or a path to a ``.csv`` / ``.npz`` / ``.txt`` file.
@@ -69,12 +35,10 @@ def load_dataset(spec: str, *, context: int | None = None, images: bool = False)
     ``context`` is the sequence length of a model that starts with an embedding (the window of
     a text, the length of a sort task); ``images`` asks for the digits as 1x8x8 images.
     """
-    from pipetrain.data import sequences  # the sequence tasks build on this module
-
     if spec == DIGITS:
         return _load_digits(images)
-    if spec == sequences.SORT:
-        return sequences.make_sort(context)
+    if spec == SORT:
+        return make_sort(context)
     path = Path(spec)
     if not path.exists():
         raise DataError(f"{spec}: no such file (use 'digits', 'sort' or a .csv / .npz / .txt "
@@ -87,7 +51,7 @@ def load_dataset(spec: str, *, context: int | None = None, images: bool = False)
     if suffix == ".npz":
         return _load_npz(path)
     if suffix == ".txt":
-        return sequences.load_text(path, context)
+        return load_text(path, context)
     raise DataError(f"{spec}: unsupported file type {suffix!r} (expected .csv, .npz or .txt)")
 
 

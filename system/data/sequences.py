@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipetrain.data.datasets import BUILT_IN, DataError, Dataset
+from pipetrain.data.base import BUILT_IN, DataError, Dataset
 
 SORT = BUILT_IN[1]
 SORT_VALUES = 10
