@@ -309,6 +309,9 @@ def validate(config: TrainConfig, source: str = "config") -> None:
 def check_data(config: TrainConfig, workload: Workload) -> None:
     """Refuse a model that does not fit its data, with a message that says how to fix it."""
     dataset = workload.dataset
+    if config.augment and dataset.tokens:
+        raise DataError(f"{dataset.name}: augment adds noise to numbers; these are tokens "
+                        "(set augment = false)")
     if config.model is not None:
         try:
             resolve(config.model, input_spec(config.data_spec()))

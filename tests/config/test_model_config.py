@@ -120,3 +120,11 @@ def test_shorthand_still_names_features_and_labels():
         check_data(config, prepare(config.data_spec()))
     image_config = TrainConfig(layers=(64, 10))
     assert image_config.model is None and image_config.num_layers == 1
+
+
+def test_augmenting_tokens_is_refused():
+    config = build_config({"dataset": "sort", "augment": True, "stages": 1,
+                           "model": [{"type": "embedding", "dim": 4, "context": 4},
+                                     {"type": "dense"}]})
+    with pytest.raises(DataError, match="augment = false"):
+        check_data(config, prepare(config.data_spec()))
