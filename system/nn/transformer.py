@@ -104,11 +104,12 @@ def attention_backward(grad_out: np.ndarray, cache: Any) -> np.ndarray:
     # softmax backward; masked entries have probability 0, so their gradient is 0 too
     grad_scores = probs * (grad_probs - (grad_probs * probs).sum(axis=-1, keepdims=True))
     grad_scores *= grad_scores.dtype.type(1 / math.sqrt(head_width))
-    grad_q = grad_scores @ k
-    grad_k = grad_scores.transpose(0, 1, 3, 2) @ q
-    stacked = np.stack((grad_q, grad_k, grad_v))  # (3, N, heads, T, dh)
-    return np.ascontiguousarray(stacked.transpose(1, 3, 0, 2, 4)).reshape(n, length, 3 * heads
-                                                                          * head_width)
+    # (N, T, 3, heads, dh) is the layout of the qkv columns: each gradient is copied once
+    grad_qkv = np.empty((n, length, 3, heads, head_width), dtype=grad_v.dtype)
+    grad_qkv[:, :, 0] = (grad_scores @ k).transpose(0, 2, 1, 3)
+    grad_qkv[:, :, 1] = (grad_scores.transpose(0, 1, 3, 2) @ q).transpose(0, 2, 1, 3)
+    grad_qkv[:, :, 2] = grad_v.transpose(0, 2, 1, 3)
+    return grad_qkv.reshape(n, length, 3 * heads * head_width)
 
 
 class Block(Layer):
