@@ -89,14 +89,18 @@ class Conv2d(Layer):
         self.grad["bias"] += grad_rows.sum(axis=0)
 
 
-class MaxPool2d(Layer):
-    """Max over each window; the gradient goes to the first maximum (as torch picks it)."""
-
-    type = "maxpool2d"
+class _Pool(Layer):
+    """A parameter-free window of ``size`` moved by ``stride`` (default: the size)."""
 
     def __init__(self, index: int, size: int, stride: int | None = None) -> None:
         super().__init__(index)
         self.size, self.stride = size, stride or size
+
+
+class MaxPool2d(_Pool):
+    """Max over each window; the gradient goes to the first maximum (as torch picks it)."""
+
+    type = "maxpool2d"
 
     def forward(self, x: np.ndarray, context: Context | None) -> tuple[np.ndarray, Any]:
         patches = windows(x, self.size, self.stride)
@@ -115,12 +119,8 @@ class MaxPool2d(Layer):
         return scatter_windows(grad_windows, shape, self.stride), None
 
 
-class AvgPool2d(Layer):
+class AvgPool2d(_Pool):
     type = "avgpool2d"
-
-    def __init__(self, index: int, size: int, stride: int | None = None) -> None:
-        super().__init__(index)
-        self.size, self.stride = size, stride or size
 
     def forward(self, x: np.ndarray, context: Context | None) -> tuple[np.ndarray, Any]:
         patches = windows(x, self.size, self.stride)

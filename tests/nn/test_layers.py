@@ -10,28 +10,7 @@ import pytest
 from pipetrain.nn import Context, InputSpec, LayerSpec, build_segment, resolve
 from pipetrain.nn.basic import dropout_keep
 from pipetrain.nn.init import init_parameters
-
-EPS = 1e-6
-TOLERANCE = 1e-6
-
-
-def rel_error(analytic: np.ndarray, numeric: np.ndarray) -> float:
-    num = np.linalg.norm(analytic - numeric)
-    den = np.linalg.norm(analytic) + np.linalg.norm(numeric)
-    return float(num / den) if den > 0 else 0.0
-
-
-def numeric_grad(f, array: np.ndarray) -> np.ndarray:
-    grad = np.zeros_like(array)
-    for idx in np.ndindex(array.shape):
-        original = array[idx]
-        array[idx] = original + EPS
-        plus = f()
-        array[idx] = original - EPS
-        minus = f()
-        array[idx] = original
-        grad[idx] = (plus - minus) / (2 * EPS)
-    return grad
+from tests.nn.gradcheck import TOLERANCE, numeric_grad, rel_error
 
 
 def spec(kind: str, **options) -> LayerSpec:

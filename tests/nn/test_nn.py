@@ -23,9 +23,8 @@ from pipetrain.nn import build_segment as build_model_segment
 from pipetrain.nn import init_parameters as init_model
 from pipetrain.nn.optim import ADAM_BETA1, ADAM_BETA2, ADAM_EPS, MOMENTUM
 from pipetrain.pipeline.partition import layer_costs, partition
+from tests.nn.gradcheck import TOLERANCE, numeric_grad, rel_error
 
-EPS = 1e-6  # central-difference step (float64)
-TOLERANCE = 1e-6  # relative error allowed between analytic and numeric gradients
 KINK_MARGIN = 1e-3  # pre-activations closer to 0 than this could flip a ReLU under EPS
 
 
@@ -44,27 +43,6 @@ def build_segment(params, first, stop, sizes):
 
 def parameter_names(num_layers: int, first: int = 0) -> list[str]:
     return [f"layers.{i}.{name}" for i in range(first, num_layers) for name in ("weight", "bias")]
-
-
-def rel_error(analytic: np.ndarray, numeric: np.ndarray) -> float:
-    """||a - n|| / (||a|| + ||n||): scale-free, and 0 only when both agree."""
-    num = np.linalg.norm(analytic - numeric)
-    den = np.linalg.norm(analytic) + np.linalg.norm(numeric)
-    return float(num / den) if den > 0 else 0.0
-
-
-def numeric_grad(f, array: np.ndarray) -> np.ndarray:
-    """Central differences of the scalar ``f()`` w.r.t. ``array``, perturbed in place."""
-    grad = np.zeros_like(array)
-    for idx in np.ndindex(array.shape):
-        original = array[idx]
-        array[idx] = original + EPS
-        plus = f()
-        array[idx] = original - EPS
-        minus = f()
-        array[idx] = original
-        grad[idx] = (plus - minus) / (2 * EPS)
-    return grad
 
 
 def random_params(rng: np.random.Generator, sizes: list[int]) -> dict[str, np.ndarray]:
