@@ -82,6 +82,10 @@ class Layer:
 
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``x @ weight + bias`` on the last axis: (output, the 2-D input the weight pass needs)."""
+    if x.ndim == 2:  # the common case, without the reshapes (a small MLP feels them)
+        y = x @ weight
+        y += bias
+        return y, x
     rows = x.reshape(-1, weight.shape[0])
     y = rows @ weight
     y += bias
@@ -91,6 +95,8 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> tuple[np.ndar
 def linear_input_grad(grad_y: np.ndarray, weight: np.ndarray,
                       shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """(gradient w.r.t. the input of :func:`linear`, the 2-D output gradient)."""
+    if grad_y.ndim == 2:
+        return grad_y @ weight.T, grad_y
     grad_rows = grad_y.reshape(-1, weight.shape[1])
     return (grad_rows @ weight.T).reshape(shape), grad_rows
 

@@ -70,10 +70,16 @@ class ModelSpec:
     def parameter_names(self, first: int = 0, stop: int | None = None) -> list[str]:
         return parameter_names(self.resolved, first, stop)
 
+    @cached_property
+    def _positions(self) -> list[list[np.ndarray]]:
+        return [[batch_positions(self.batch_size, self.replicas, self.microbatches, replica,
+                                 microbatch) for microbatch in range(self.microbatches)]
+                for replica in range(self.replicas)]
+
     def context(self, step: int, replica: int, microbatch: int) -> Context:
-        """The training context of a micro-batch: its rows' positions in the global batch."""
-        return Context(seed=self.seed, step=step, positions=batch_positions(
-            self.batch_size, self.replicas, self.microbatches, replica, microbatch))
+        """The training context of a micro-batch: its rows' positions in the global batch
+        (worked out once: cutting the batch costs more than a small layer's step)."""
+        return Context(seed=self.seed, step=step, positions=self._positions[replica][microbatch])
 
 
 @dataclass(frozen=True)
