@@ -28,8 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import training
-from bench.training import FULL, QUICK, RunConfig
+# Relative imports: the suite runs as `python -m bench.run` in the source tree and as
+# `python -m pipetrain_harness.bench.run` (`pipetrain bench`) once installed.
+from . import training
+from .training import FULL, QUICK, RunConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ("transport", "training", "recovery", "startup", "memory")
@@ -205,7 +207,7 @@ def machine_info() -> dict:
                                                         "architecture", "threading_layer")}
     except ImportError:
         pass
-    from bench.torch_baselines import torch_version
+    from .torch_baselines import torch_version
 
     info["torch"] = torch_version()
     try:
@@ -300,7 +302,7 @@ def run_loader(train: dict) -> dict:
 
 
 def run_recovery(args: argparse.Namespace) -> dict:
-    from bench import recovery
+    from . import recovery
 
     kills = args.kills or (1 if args.quick else 20)
     times = recovery.measure(kills)
@@ -394,7 +396,7 @@ def judge(results: dict) -> list[dict]:
 
 
 def render_only(out: Path) -> int:
-    from bench import plots, report
+    from . import plots, report
 
     results = json.loads((out / "results.json").read_text())
     results["plots"] = plots.write_all(results, out / "plots")
@@ -413,7 +415,11 @@ def main(argv: list[str] | None = None) -> int:
                         "--quick: 1)")
     parser.add_argument("--sweep-repeats", type=int,
                         help="repeats of the plot-only sweep points (default min(repeats, 3))")
-    parser.add_argument("--out", default=str(REPO / "bench"), help="output directory")
+    # In the source tree the results go next to the suite (BENCHMARKS.md reads them there);
+    # installed, into the working directory, never into site-packages.
+    default_out = REPO / "bench" if (REPO / "pyproject.toml").exists() else Path("bench-results")
+    parser.add_argument("--out", default=str(default_out),
+                        help=f"output directory (default: {default_out})")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--torch", action=argparse.BooleanOptionalAction, default=None,
@@ -447,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(REPO))
 
-    from bench.torch_baselines import available
+    from .torch_baselines import available
 
     with_torch = args.torch if args.torch is not None else not args.quick
     torch_note = None
@@ -483,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             GATE(section)
             try:
                 if section == "transport":
-                    from bench import transport
+                    from . import transport
 
                     results["transport"] = transport.run(args.repeats, quick=args.quick,
                                                          log=log, gate=GATE)
@@ -508,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     results["meta"].update(load_avg_end=list(os.getloadavg()), quiet_gate=GATE.summary(),
                            finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                            duration_s=round(time.monotonic() - suite_started, 1))
-    from bench import plots, report
+    from . import plots, report
 
     results["plots"] = plots.write_all(results, out / "plots")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

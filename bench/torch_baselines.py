@@ -181,7 +181,8 @@ def launch(args: argparse.Namespace, timeout_s: float = 600) -> dict:
         env[var] = str(args.threads)
     world = 1 if args.mode == "single" else 2
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world))
-    base = [sys.executable, "-m", "bench.torch_baselines", "--worker", "--mode", args.mode,
+    module = f"{__package__ or 'bench'}.torch_baselines"  # bench, or pipetrain_harness.bench
+    base = [sys.executable, "-m", module, "--worker", "--mode", args.mode,
             "--threads", str(args.threads), "--layers", args.layers, "--batch", str(args.batch),
             "--microbatches", str(args.microbatches), "--steps", str(args.steps),
             "--warmup", str(args.warmup), "--seed", str(args.seed), "--lr", str(args.lr)]

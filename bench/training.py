@@ -226,7 +226,7 @@ def run_pipetrain(config: RunConfig, workload: Workload, dataset: Path, run_dir:
 
 
 def run_torch(config: RunConfig, workload: Workload, timeout_s: float = 900) -> dict:
-    from bench import torch_baselines
+    from . import torch_baselines
 
     parser = torch_baselines.parser()
     args = parser.parse_args([

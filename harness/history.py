@@ -2,7 +2,8 @@
 
 Checks read this after the run; nothing judges while the run is going. Entries are plain dicts
 with ``t`` (unix seconds) and ``source`` (``"run"`` for events.jsonl lines, ``"harness"`` for
-fault operations and observations), so the history serialises to JSON as it is.
+fault operations and observations), so the history serialises to JSON as it is. What of it must
+replay is its canonical form (``pipetrain_harness.canonical``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ class History:
         with self._lock:
             self.entries.append(entry)
         return entry
+
+    def add(self, entry: dict[str, Any]) -> None:
+        """A harness entry made afterwards (``steps_replayed``), with the time it refers to."""
+        with self._lock:
+            self.entries.append({"source": "harness", **entry})
 
     def add_run_events(self, events: list[dict[str, Any]]) -> None:
         with self._lock:

@@ -15,6 +15,10 @@ seen once are followed after they leave the tree (an orphan is reparented away f
 so the leak report still finds them. A process forked and orphaned between two samples is
 invisible to the tree walk; for those the launch environment can carry ``Baseline.env()``, a
 unique token every descendant inherits, and the leak report also looks for it in /proc.
+
+Sampling from outside cannot judge the fds of a process that lives less than two ticks; every
+process of a run also samples itself as it starts and as it exits (``pipetrain_harness.probes``),
+and ``leak_report`` leaves the fds of the processes judged that way to those samples.
 """
 
 from __future__ import annotations
@@ -68,8 +72,17 @@ class Baseline:
         return {MARKER_ENV: self.marker}
 
 
+TITLE = "pipetrain: "
+
+
 def role_of(cmdline: list[str], name: str) -> str:
-    """``coordinator`` or ``worker`` for a process of a pipetrain run, else its name."""
+    """A pipetrain process's role: its title once it set one (``stage 1/3 replica 0``,
+    ``coordinator runs/x``: see ``pipetrain.runtime.proctitle``), else ``coordinator`` or
+    ``worker`` from its command line; any other process's name."""
+    title = " ".join(cmdline)
+    if title.startswith(TITLE):
+        role = title[len(TITLE):].strip()
+        return "coordinator" if role.startswith("coordinator") else role
     if "pipetrain.runtime.worker" in cmdline or (
             "pipetrain_harness.entry" in cmdline and "worker" in cmdline):
         return "worker"
@@ -221,8 +234,11 @@ class Monitor:
             except (OSError, psutil.Error):
                 continue
 
-    def leak_report(self, baseline: Baseline) -> list[str]:
-        """What the run left behind; call after it ended (and after ``stop``)."""
+    def leak_report(self, baseline: Baseline,
+                    judged: set[tuple[int, float]] = frozenset()) -> list[str]:
+        """What the run left behind; call after it ended (and after ``stop``). Processes in
+        ``judged`` ((pid, create_time)) had their fds judged from their own exit samples
+        (``pipetrain_harness.probes``), which the monitor's samples could only approximate."""
         self._find_marked(baseline.marker)
         leaks = []
         for pid, info in sorted(self.seen.items()):
@@ -245,7 +261,8 @@ class Monitor:
         for fd, target in sorted(_open_fds().items()):
             if baseline.fds.get(fd) != target:
                 leaks.append(f"fd left open in the harness: fd {fd} -> {target}")
-        leaks += fd_growth(self.samples)
+        leaks += fd_growth([s for s in self.samples
+                            if (s["pid"], s.get("create_time")) not in judged])
         return leaks
 
     def reap_leftovers(self, timeout_s: float = 5.0) -> list[int]:

@@ -9,16 +9,23 @@ system knows nothing of it.
 * ``step_delay_s``: every stage sleeps this long before each step (a stand-in for a heavy model,
   so that faults and signals can land in the middle of a run on a small one);
 * ``loader_delay_s``: loader threads sleep a random 0..this before each micro-batch;
-* ``checkpoint_delay_s``: a stage pauses this long after writing its checkpoint segment (it
-  widens the window a crash-during-checkpoint test aims at);
-* ``stage_faults``: ``{"stage", "step", "kind", "generation" (0), "replica" (any)}`` with kind
+* ``stage_faults``: ``{"stage", "step", "kind", "generation" (0), "replica" (any), "id"}`` with kind
   ``raise`` (an exception in the stage), ``exit`` (``os._exit(3)`` without a word), ``hang``
   (stop making progress), ``loader_error`` (a loader thread fails), or one of the planted bugs
   ``perturb`` (a parameter nudged after the update: a silent wrong result), ``leak_fd``,
   ``leak_child``;
 * ``link_faults``: ``{"kind": delay|throttle|corrupt|sever, "link": "0->1", "replica",
-  "at_step", "for_steps", "generation", ...}`` for the sending stage's channel
-  (``pipetrain_harness.linkshim``);
+  "at_step", "for_steps", "microbatch", "when", "generation", "id", ...}`` for the sending
+  stage's channel (``pipetrain_harness.linkshim``);
+* ``socket``: the harness's rendezvous socket (``pipetrain_harness.rendezvous``); with it, a
+  stage or link fault that has an ``id`` lands once, the first time its point is reached in any
+  worker group, and ``parks`` are honoured;
+* ``parks``: the fault points (``pipetrain_harness.points.Point.entry``) where a process stops
+  and tells the harness, which delivers the fault from outside;
+* ``quiet_steps``: boundaries the coordinator keeps quiet (no step started early) because a
+  fault is planned right after them;
+* ``probe_path``: every process of the run appends a sample of itself (fds, threads, memory)
+  here as it starts and just before it exits (``pipetrain_harness.probes``);
 * ``planted``: planted bugs by name (``stale_restart``: stage 0 forgets its optimizer state when
   the group restarts);
 * ``seed``: seeds the harness's own randomness inside the run (jitter, bit flips, loader sleeps).
@@ -40,11 +47,14 @@ PLANTED_BUGS = ("stale_restart",)
 class Plan:
     step_delay_s: float = 0.0
     loader_delay_s: float = 0.0
-    checkpoint_delay_s: float = 0.0
     stage_faults: list[dict[str, Any]] = field(default_factory=list)
     link_faults: list[dict[str, Any]] = field(default_factory=list)
     planted: list[str] = field(default_factory=list)
     seed: int = 0
+    socket: str = ""
+    parks: list[dict[str, Any]] = field(default_factory=list)
+    quiet_steps: list[int] = field(default_factory=list)
+    probe_path: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -1,32 +1,60 @@
-"""Reports of one scenario run: ``report.json`` for machines, ``report.html`` for people.
+"""Reports: ``report.json`` for machines and a self-contained ``report.html`` for people, of a
+scenario run (:func:`write_report`) or of any run directory (:func:`write_run_report`, which
+``pipetrain report RUN_DIR`` calls).
 
 The HTML file stands alone (inline CSS, plots as base64 PNG) so it can be attached to an issue
 or opened from a CI artifact. Plots need matplotlib (the ``harness`` extra); it is imported only
-here and only when a report is written, through its object API and the Agg canvas (no pyplot
-global state, no display). Without it the page says so and keeps every table.
+here and only when a report is written (``pipetrain_harness.report_plots``). Without it the page
+says so and keeps every table. The history is grouped (a run of step events is one row, opened
+on demand) and folded away, so the page leads with what a reader wants first: the verdict, the
+checks, the plots.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipetrain.run.rundir import read_events
+from pipetrain.run.rundir import read_events, read_state
+from pipetrain_harness import report_plots
 from pipetrain_harness.checks import CheckResult, RunOutcome, verdict
+from pipetrain_harness.report_history import esc as _esc
+from pipetrain_harness.report_history import history_html
 
 MB = 1024 * 1024
 COLOURS = {"valid": "#1a7f37", "invalid": "#cf222e", "unknown": "#9a6700"}
 
 
+@dataclass
+class ReportView:
+    """What a page shows, whether of a scenario or of a plain run."""
+
+    title: str
+    description: str
+    facts: list[str]
+    history: list[dict[str, Any]]
+    run_events: list[dict[str, Any]]
+    reference_events: list[dict[str, Any]] | None = None
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    processes: list[dict[str, Any]] = field(default_factory=list)
+    verdict: str | None = None
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    leaks: list[str] = field(default_factory=list)
+    reproduce: str | None = None
+
+
+def _reference_events(reference_dir: Path | None) -> list[dict[str, Any]] | None:
+    if reference_dir is None or not (Path(reference_dir) / "events.jsonl").exists():
+        return None
+    return read_events(reference_dir)
+
+
 def write_report(outcome: RunOutcome, results: list[CheckResult], report_dir: Path,
                  reproduce: str) -> dict[str, Any]:
     """Writes ``report_dir/<scenario name>/report.json`` and ``report.html``; returns the
-    report (its ``summary`` is one row for :func:`summary_table`)."""
+    report (its ``summary`` is one row for :func:`summary_table`, ``html`` the page's path)."""
     scenario = outcome.scenario
     out_dir = Path(report_dir) / scenario.name
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -34,6 +62,7 @@ def write_report(outcome: RunOutcome, results: list[CheckResult], report_dir: Pa
     processes = process_summaries(outcome.monitor_samples)
     restarts = len(outcome.run_events("restart"))
     overall = verdict(results)
+    page = out_dir / "report.html"
     report: dict[str, Any] = {
         "scenario": {"name": scenario.name, "path": str(scenario.path), "seed": scenario.seed,
                      "description": scenario.description},
@@ -48,6 +77,7 @@ def write_report(outcome: RunOutcome, results: list[CheckResult], report_dir: Pa
         "run_dir": str(outcome.run_dir),
         "reference_dir": None if outcome.reference_dir is None else str(outcome.reference_dir),
         "reproduce": reproduce,
+        "html": str(page),
         "history": history,
         "summary": {
             "scenario": scenario.name, "verdict": overall, "wall_s": round(outcome.wall_s, 1),
@@ -57,8 +87,49 @@ def write_report(outcome: RunOutcome, results: list[CheckResult], report_dir: Pa
         },
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (out_dir / "report.html").write_text(render_html(report, outcome), encoding="utf-8")
+    view = ReportView(
+        title=scenario.name, description=scenario.description,
+        facts=[str(scenario.path), f"seed {scenario.seed}",
+               f"exit status {outcome.exit_status}", f"{outcome.wall_s:.1f} s",
+               f"{outcome.launches} launch(es)", f"{restarts} restart(s)"],
+        history=history, run_events=outcome.run_events(),
+        reference_events=_reference_events(outcome.reference_dir),
+        samples=outcome.monitor_samples, processes=processes, verdict=overall,
+        checks=report["checks"], leaks=report["leaks"], reproduce=reproduce)
+    page.write_text(render_html(view), encoding="utf-8")
     return report
+
+
+def write_run_report(run_dir: Path, out: Path | None = None,
+                     reference_dir: Path | None = None) -> Path:
+    """``report.html`` of a plain run directory (no scenario, no monitor): its loss (against
+    a reference run, if given), throughput, stages and history. Returns the page's path."""
+    run_dir = Path(run_dir)
+    state = read_state(run_dir)
+    events = read_events(run_dir)
+    history = [{"source": "run", **event} for event in events]
+    restarts = sum(1 for e in events if e.get("event") == "restart")
+    starts = [e for e in events if e.get("event") == "run_start"]
+    wall = events[-1]["t"] - starts[0]["t"] if starts and events else 0.0
+    processes = [{"pid": e["pid"], "role": e.get("role", "?"), "returncode": e.get("returncode"),
+                  "error": e.get("error")} for e in events if e.get("event") == "worker_exit"]
+    config = state.get("config") or {}
+    view = ReportView(
+        title=str(run_dir),
+        description=(f"pipetrain {state.get('command', 'train')}: {config.get('stages')} "
+                     f"stage(s) x {config.get('replicas')} replica(s), schedule "
+                     f"{config.get('schedule')}, {config.get('epochs')} epoch(s) of batch "
+                     f"{config.get('batch_size')} on {config.get('dataset')}"),
+        facts=[f"state {state.get('state')}", f"step {state.get('step')}/"
+               f"{state.get('total_steps')}", f"{wall:.1f} s", f"{len(starts)} launch(es)",
+               f"{restarts} restart(s)"] + ([f"compared with {reference_dir}"]
+                                             if reference_dir else []),
+        history=history, run_events=events, reference_events=_reference_events(reference_dir),
+        processes=processes)
+    page = Path(out) if out else run_dir / "report.html"
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text(render_html(view), encoding="utf-8")
+    return page
 
 
 def process_summaries(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -71,7 +142,7 @@ def process_summaries(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
         cpu = [s["cpu_percent"] for s in own if s.get("cpu_percent") is not None]
         rss = [s["rss"] for s in own if s.get("rss")]
         summaries.append({
-            "pid": pid, "role": own[0].get("role", "?"), "samples": len(own),
+            "pid": pid, "role": report_plots.most_specific_role(own), "samples": len(own),
             "first_t": own[0]["t"], "last_t": own[-1]["t"],
             "peak_rss_mb": round(max(rss, default=0) / MB, 2),
             "mean_cpu_percent": round(sum(cpu) / len(cpu), 1) if cpu else 0.0,
@@ -123,12 +194,12 @@ pre { background: #f6f8fa; padding: .7em; overflow-x: auto; }
 img { max-width: 100%; }
 .note { color: #656d76; }
 tr.harness td { background: #fff8c5; }
+tr.alert td { background: #ffebe9; }
+details > summary { cursor: pointer; font-weight: 600; margin: .4em 0; }
+details details > summary { font-weight: normal; }
 code { font-size: 12px; }
+.kv { color: #656d76; }
 """
-
-
-def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
 
 
 def _badge(status: str) -> str:
@@ -136,59 +207,63 @@ def _badge(status: str) -> str:
     return f'<span class="status" style="background:{colour}">{_esc(status)}</span>'
 
 
-def render_html(report: dict[str, Any], outcome: RunOutcome) -> str:
-    scenario = report["scenario"]
+def render_html(view: ReportView) -> str:
+    badge = f" {_badge(view.verdict)}" if view.verdict else ""
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{_esc(scenario['name'])}: {_esc(report['verdict'])}</title>",
-        f"<style>{CSS}</style></head><body>",
-        f"<h1>{_esc(scenario['name'])} {_badge(report['verdict'])}</h1>",
-        f"<p>{_esc(scenario['description'])}</p>",
-        f"<p class=note>{_esc(scenario['path'])} &middot; seed {_esc(scenario['seed'])} "
-        f"&middot; exit status {_esc(report['exit_status'])} &middot; {report['wall_s']:.1f} s "
-        f"&middot; {_esc(report['launches'])} launch(es) &middot; "
-        f"{_esc(report['restarts'])} restart(s)</p>",
-        "<h2>Reproduce</h2>", f"<pre>{_esc(report['reproduce'])}</pre>",
-        "<h2>Checks</h2>", "<table><tr><th>check</th><th>status</th><th>message</th></tr>",
+        f"<title>{_esc(view.title)}{': ' + _esc(view.verdict) if view.verdict else ''}"
+        "</title>", f"<style>{CSS}</style></head><body>",
+        f"<h1>{_esc(view.title)}{badge}</h1>", f"<p>{_esc(view.description)}</p>",
+        f"<p class=note>{' &middot; '.join(_esc(fact) for fact in view.facts)}</p>",
     ]
-    for check in report["checks"]:
-        parts.append(f"<tr><td>{_esc(check['name'])}</td><td>{_badge(check['status'])}</td>"
-                     f"<td>{_esc(check['message'])}</td></tr>")
-    parts.append("</table>")
-    if report["leaks"]:
+    if view.reproduce:
+        parts += ["<h2>Reproduce</h2>", f"<pre>{_esc(view.reproduce)}</pre>"]
+    if view.checks:
+        parts += ["<h2>Checks</h2>",
+                  "<table><tr><th>check</th><th>status</th><th>message</th></tr>"]
+        for check in view.checks:
+            parts.append(f"<tr><td>{_esc(check['name'])}</td><td>{_badge(check['status'])}"
+                         f"</td><td>{_esc(check['message'])}</td></tr>")
+        parts.append("</table>")
+    if view.leaks:
         parts += ["<h2>Left behind</h2>", "<ul>"]
-        parts += [f"<li>{_esc(leak)}</li>" for leak in report["leaks"]]
+        parts += [f"<li>{_esc(leak)}</li>" for leak in view.leaks]
         parts.append("</ul>")
     parts.append("<h2>Plots</h2>")
-    parts += _plots_html(report, outcome)
-    parts += ["<h2>Processes</h2>",
-              "<table><tr><th>pid</th><th>role</th><th>samples</th><th>peak RSS MB</th>"
-              "<th>mean CPU %</th><th>max CPU %</th><th>max fds</th></tr>"]
-    for proc in report["processes"]:
-        parts.append(
-            f"<tr><td class=num>{_esc(proc['pid'])}</td><td>{_esc(proc['role'])}</td>"
-            f"<td class=num>{proc['samples']}</td><td class=num>{proc['peak_rss_mb']:.1f}</td>"
-            f"<td class=num>{proc['mean_cpu_percent']:.1f}</td>"
-            f"<td class=num>{proc['max_cpu_percent']:.1f}</td>"
-            f"<td class=num>{_esc('-' if proc['max_fds'] is None else proc['max_fds'])}</td></tr>")
-    parts.append("</table>")
-    parts += _history_html(report["history"])
+    parts += _plots_html(view)
+    parts += _processes_html(view)
+    parts += history_html(view.history)
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
 
-def _history_html(history: list[dict[str, Any]]) -> list[str]:
-    t0 = history[0].get("t", 0.0) if history else 0.0
-    parts = ["<h2>History</h2>",
-             "<table><tr><th>t (s)</th><th>source</th><th>what</th><th>fields</th></tr>"]
-    for entry in history:
-        what = entry.get("event") if entry.get("source") == "run" else entry.get("op")
-        fields = {k: v for k, v in entry.items() if k not in ("t", "source", "event", "op")}
-        cls = ' class="harness"' if entry.get("source") == "harness" else ""
-        parts.append(
-            f"<tr{cls}><td class=num>{entry.get('t', t0) - t0:.3f}</td>"
-            f"<td>{_esc(entry.get('source', '?'))}</td><td>{_esc(what)}</td>"
-            f"<td><code>{_esc(json.dumps(fields, default=str))}</code></td></tr>")
+def _processes_html(view: ReportView) -> list[str]:
+    if not view.processes:
+        return []
+    parts = ["<h2>Processes</h2>"]
+    if view.samples:
+        parts.append("<table><tr><th>pid</th><th>role</th><th>samples</th><th>peak RSS MB</th>"
+                     "<th>mean CPU %</th><th>max CPU %</th><th>max fds</th></tr>")
+        for proc in view.processes:
+            parts.append(
+                f"<tr><td class=num>{_esc(proc['pid'])}</td><td>{_esc(proc['role'])}</td>"
+                f"<td class=num>{proc['samples']}</td>"
+                f"<td class=num>{proc['peak_rss_mb']:.1f}</td>"
+                f"<td class=num>{proc['mean_cpu_percent']:.1f}</td>"
+                f"<td class=num>{proc['max_cpu_percent']:.1f}</td>"
+                f"<td class=num>{_esc('-' if proc['max_fds'] is None else proc['max_fds'])}"
+                "</td></tr>")
+    else:
+        parts.append("<p class=note>Worker exits as the run recorded them (no monitor sampled "
+                     "this run: CPU and memory come with a scenario run).</p>")
+        parts.append("<table><tr><th>pid</th><th>role</th><th>exit status</th><th>error</th>"
+                     "</tr>")
+        for proc in view.processes:
+            cls = ' class="alert"' if proc.get("returncode") not in (0, None) else ""
+            parts.append(f"<tr{cls}><td class=num>{_esc(proc['pid'])}</td>"
+                         f"<td>{_esc(proc['role'])}</td><td class=num>"
+                         f"{_esc(proc.get('returncode'))}</td>"
+                         f"<td>{_esc(proc.get('error') or '')}</td></tr>")
     parts.append("</table>")
     return parts
 
@@ -196,22 +271,44 @@ def _history_html(history: list[dict[str, Any]]) -> list[str]:
 # -- plots -----------------------------------------------------------------------------------
 
 
-def _plots_html(report: dict[str, Any], outcome: RunOutcome) -> list[str]:
+def _plots_html(view: ReportView) -> list[str]:
     try:
         from matplotlib.figure import Figure
     except ImportError:
         return ["<p class=note>matplotlib is not installed, so there are no plots "
                 "(<code>pip install matplotlib</code>, or the <code>harness</code> extra).</p>"]
+    plots = report_plots
+    notes: list[str] = []
     try:
-        images = [_loss_plot(Figure, report, outcome),
-                  _process_plot(Figure, report, outcome, "cpu_percent", 1.0, "CPU %"),
-                  _process_plot(Figure, report, outcome, "rss", MB, "RSS MB")]
+        line = plots.timeline(view.run_events, view.history, view.samples)
+        images: list[tuple[str, str | None]] = []
+        if any(e.get("event") == "step" for e in view.run_events):
+            images.append(("loss per step",
+                           plots.loss_plot(Figure, line, view.run_events, view.reference_events)))
+            if view.reference_events:
+                image, summary = plots.difference_plot(Figure, line, view.run_events,
+                                                       view.reference_events)
+                images.append(("run minus reference", image))
+                notes.append(summary)
+            images.append(("throughput over time",
+                           plots.throughput_plot(Figure, line, view.run_events)))
+            images.append(("per-stage compute and wait", plots.stage_plot(Figure,
+                                                                          view.run_events)))
+        if view.samples:
+            images.append(("CPU per process", plots.process_plot(
+                Figure, line, view.samples, "cpu_percent", 1.0, "CPU %")))
+            images.append(("memory per process", plots.process_plot(
+                Figure, line, view.samples, "rss", MB, "RSS MB")))
     except Exception as exc:  # noqa: BLE001 - a plot failure must not lose the report
         return [f"<p class=note>the plots failed: {_esc(type(exc).__name__)}: {_esc(exc)}</p>"]
     finally:
         _release_fonts()
-    return [f'<p><img alt="{_esc(title)}" src="data:image/png;base64,{data}"></p>'
-            for title, data in images]
+    if not images:
+        return ["<p class=note>no step finished: nothing to plot</p>"]
+    parts = [f"<p class=note>{_esc(note)}</p>" for note in notes]
+    parts += [f'<p><img alt="{_esc(title)}" src="data:image/png;base64,{data}"></p>'
+              for title, data in images if data is not None]
+    return parts
 
 
 def _release_fonts() -> None:
@@ -219,85 +316,12 @@ def _release_fonts() -> None:
     (and the test suite's leak check) must not find them, so the cache is emptied after use."""
     import gc
 
-    from matplotlib import font_manager
+    from matplotlib import font_manager, mathtext
 
-    cached = getattr(font_manager, "_get_font", None)
-    if cached is not None and hasattr(cached, "cache_clear"):
-        cached.cache_clear()
-        gc.collect()  # the font objects close their files when collected
-
-
-def _png(figure: Any) -> str:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _faults(history: list[dict[str, Any]]) -> list[tuple[str, float, str]]:
-    return [(entry["op"], entry["t"], str(entry.get("fault", "")))
-            for entry in history
-            if entry.get("source") == "harness" and entry.get("op") in ("fault_invoke",
-                                                                       "fault_heal")]
-
-
-def _mark_faults(axes: Any, marks: list[tuple[str, float, str]]) -> None:
-    labelled = set()
-    for op, x, _fault in marks:
-        style = {"fault_invoke": ("#cf222e", "--"), "fault_heal": ("#1a7f37", ":")}[op]
-        label = op.replace("_", " ") if op not in labelled else None
-        labelled.add(op)
-        axes.axvline(x, color=style[0], linestyle=style[1], linewidth=1.2, label=label)
-
-
-def _loss_plot(Figure: Any, report: dict[str, Any], outcome: RunOutcome) -> tuple[str, str]:
-    figure = Figure(figsize=(10, 3.6))
-    axes = figure.subplots()
-    steps = [e for e in outcome.run_events("step") if e.get("loss") is not None]
-    last = {e["step"]: e for e in steps}  # after a restart, the repeated steps' last run
-    if last:
-        xs = sorted(last)
-        axes.plot(xs, [last[x]["loss"] for x in xs], label="run", linewidth=1.4)
-    if outcome.reference_dir is not None and (Path(outcome.reference_dir) /
-                                              "events.jsonl").exists():
-        ref = [e for e in read_events(outcome.reference_dir) if e.get("event") == "step"]
-        axes.plot([e["step"] for e in ref], [e["loss"] for e in ref], label="reference",
-                  linewidth=1, linestyle="--", color="black")
-    # A fault's time becomes the step the run had reached then.
-    ordered = sorted(steps, key=lambda e: e.get("t", 0.0))
-    marks = []
-    for op, t, fault in _faults(report["history"]):
-        reached = [e["step"] for e in ordered if e.get("t", 0.0) <= t]
-        marks.append((op, reached[-1] if reached else 0, fault))
-    _mark_faults(axes, marks)
-    axes.set_xlabel("step")
-    axes.set_ylabel("loss")
-    axes.set_title("loss per step: run vs reference")
-    axes.grid(alpha=0.3)
-    if axes.get_legend_handles_labels()[0]:
-        axes.legend(fontsize=8)
-    return "loss per step", _png(figure)
-
-
-def _process_plot(Figure: Any, report: dict[str, Any], outcome: RunOutcome, key: str,
-                  scale: float, label: str) -> tuple[str, str]:
-    figure = Figure(figsize=(10, 3.6))
-    axes = figure.subplots()
-    samples = outcome.monitor_samples
-    times = [s["t"] for s in samples] + [e["t"] for e in report["history"] if "t" in e]
-    t0 = min(times, default=0.0)
-    series: dict[int, list[dict[str, Any]]] = {}
-    for sample in samples:
-        series.setdefault(sample["pid"], []).append(sample)
-    for pid, own in series.items():
-        points = [(s["t"] - t0, s[key] / scale) for s in own if s.get(key) is not None]
-        if points:
-            axes.plot(*zip(*points, strict=True), label=f"{own[0].get('role', '?')} {pid}",
-                      linewidth=1)
-    _mark_faults(axes, [(op, t - t0, fault) for op, t, fault in _faults(report["history"])])
-    axes.set_xlabel("seconds since start")
-    axes.set_ylabel(label)
-    axes.set_title(f"{label} per process")
-    axes.grid(alpha=0.3)
-    if axes.get_legend_handles_labels()[0]:
-        axes.legend(fontsize=7, ncol=4)
-    return f"{label} per process", _png(figure)
+    # The font cache, and mathtext's cache of parsed labels (log-axis ticks are mathtext),
+    # whose entries hold fonts of their own.
+    for cached in (getattr(font_manager, "_get_font", None),
+                   getattr(mathtext.MathTextParser, "_parse_cached", None)):
+        if cached is not None and hasattr(cached, "cache_clear"):
+            cached.cache_clear()
+    gc.collect()  # the font objects close their files when collected

@@ -1,19 +1,20 @@
-"""Runs one scenario: launches the real system, fires the faults on schedule, judges afterwards.
+"""Runs one scenario: launches the real system, lands each fault at its point, judges afterwards.
 
 ::
 
-    runner loop (every 20 ms) ── tails events.jsonl ──▶ progress (step, checkpoints)
-        │                                                   │
-        ├── fires each fault when its trigger is reached ◀──┘
-        ├── heals it when its span is over (and always at the end)
+    rendezvous thread ◀── a process parked at a fault point ── FaultBook.handle: land it
+    runner loop (every 20 ms) ── tails events.jsonl ──▶ progress (step)
+        ├── heals each fault when its span is over (and always at the end)
         └── relaunches with --resume after a requested stop (resume_after_stop)
-    monitor thread ── psutil samples of every process of the run
-    after the run: leak report, reference run (cached), checks, report
+    monitor thread ── psutil samples of every process of the run (CPU, memory for the report)
+    after the run: leak report (with each process's own start and exit samples), reference
+    run (cached), checks, canonical history and its digest, report
 
 The run is started in its own session so that a timeout can end its whole process tree, through
 the harness's entry point (``pipetrain_harness.entry``), which installs the harness's hooks from
-the plan the faults prepared; it runs in the scenario's work directory, so nothing in the
-directory the harness was started from can shadow a module.
+the plan: which points each process parks at, which boundaries stay quiet, the in-system faults.
+It runs in the scenario's work directory, so nothing in the directory the harness was started
+from can shadow a module.
 """
 
 from __future__ import annotations
@@ -27,21 +28,26 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipetrain_harness import probes
+from pipetrain_harness.canonical import canonical_history, digest, replayed_ranges
 from pipetrain_harness.checks import CheckResult, RunOutcome, ensure_reference, run_checks, verdict
-from pipetrain_harness.faults.base import Context, Fault, Launch, Target
+from pipetrain_harness.faults.base import Context, Launch
 from pipetrain_harness.history import History
-from pipetrain_harness.monitor import Baseline, Monitor
-from pipetrain_harness.plan import Plan
+from pipetrain_harness.landing import FaultBook, count_events, run_shape
+from pipetrain_harness.monitor import MARKER_ENV, Baseline, Monitor
+from pipetrain_harness.plan import PLAN_ENV, Plan
+from pipetrain_harness.rendezvous import Rendezvous
 from pipetrain_harness.report import write_report
-from pipetrain_harness.scenario import Scenario, scenario_to_toml
+from pipetrain_harness.scenario import Scenario
 
 TICK_S = 0.02
 MAX_RESUMES = 5
 ENTRY = [sys.executable, "-P", "-m", "pipetrain_harness.entry"]
+# The environment a replay needs besides the scenario: what picks BLAS kernels and threads.
+REPLAY_ENV_PREFIXES = ("OPENBLAS_", "OMP_", "MKL_", "PIPETRAIN_")
 
 
 class EventTail:
@@ -68,13 +74,11 @@ class EventTail:
         return new
 
 
-@dataclass
-class ArmedFault:
-    fault: Fault
-    fired_at_s: float | None = None
-    fired_at_step: int | None = None
-    healed: bool = False
-    error: str | None = field(default=None)
+def replay_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables of this environment a replay must set the same way."""
+    environ = os.environ if environ is None else environ
+    return {key: value for key, value in sorted(environ.items())
+            if key.startswith(REPLAY_ENV_PREFIXES) and key not in (PLAN_ENV, MARKER_ENV)}
 
 
 class ScenarioRun:
@@ -88,14 +92,12 @@ class ScenarioRun:
         self.run_dir = self.work_dir / "run"
         self.cache_dir = Path(cache_dir) if cache_dir else self.report_dir / ".references"
         self.history = History()
-        self.faults = [ArmedFault(fault) for fault in scenario.faults]
+        self.probe_path = self.work_dir / "probes.jsonl"
         self.step = 0
-        self.checkpoints = 0
-        self.running = False
 
     # -- launch --------------------------------------------------------------------------------
 
-    def launch(self, resume: bool) -> subprocess.Popen:
+    def launch(self, book: FaultBook, socket_path: str, resume: bool) -> subprocess.Popen:
         config_path = self.work_dir / "train.toml"
         args = [*ENTRY, "train", str(config_path), "--run-dir", str(self.run_dir), "--quiet"]
         if resume:
@@ -103,9 +105,9 @@ class ScenarioRun:
         env = dict(os.environ)
         env.update(self.baseline.env())  # a token every descendant inherits: finds orphans
         launch = Launch(args=args, env=env, plan=Plan(step_delay_s=self.scenario.step_delay_s,
-                                                      seed=self.seed))
-        for armed in self.faults:
-            armed.fault.prepare(launch)
+                                                      seed=self.seed,
+                                                      probe_path=str(self.probe_path)))
+        book.prepare(launch, socket_path)
         launch.env.update(launch.plan.env())
         if launch.rlimits:
             # Limits are set in a tiny Python stub that then execs the run, instead of a
@@ -116,7 +118,8 @@ class ScenarioRun:
                     "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
             launch.args = [sys.executable, "-c", stub, *launch.args[1:]]
         self.history.record("launch", args=launch.args[3:] if launch.rlimits else launch.args[1:],
-                            resume=resume, plan=launch.plan.to_json())
+                            resume=resume, plan=launch.plan.to_json(),
+                            at_event=count_events(self.run_dir / "events.jsonl"))
         stderr_path = self.work_dir / f"stderr-{len(self.history.ops('launch'))}.txt"
         with open(stderr_path, "wb") as stderr:
             return subprocess.Popen(launch.args, env=launch.env, stdin=subprocess.DEVNULL,
@@ -124,72 +127,34 @@ class ScenarioRun:
                                     cwd=self.work_dir,
                                     start_new_session=True)
 
-    # -- faults --------------------------------------------------------------------------------
-
-    def _due(self, armed: ArmedFault) -> bool:
-        fault = armed.fault
-        if fault.at_step is not None:
-            return self.step >= fault.at_step
-        if fault.after_checkpoint is not None:
-            return self.checkpoints >= fault.after_checkpoint
-        return self.running
-
-    def _span_over(self, armed: ArmedFault) -> bool:
-        fault = armed.fault
-        if fault.duration_s is not None:
-            return time.monotonic() - armed.fired_at_s >= fault.duration_s
-        if fault.for_steps is not None and fault.for_steps > 0:
-            return self.step >= armed.fired_at_step + fault.for_steps
-        return False
-
-    def fire_and_heal(self, ctx: Context) -> None:
-        for armed in self.faults:
-            if armed.fired_at_s is None and self._due(armed):
-                armed.fired_at_s, armed.fired_at_step = time.monotonic(), self.step
-                self.history.record("fault_invoke", fault=armed.fault.describe(), step=self.step)
-                try:
-                    armed.fault.invoke(ctx)
-                except Exception as exc:  # noqa: BLE001 - a fault that cannot act is recorded
-                    armed.error = f"{type(exc).__name__}: {exc}"
-                    self.history.record("fault_error", fault=armed.fault.describe(),
-                                        error=armed.error)
-            elif armed.fired_at_s is not None and not armed.healed and self._span_over(armed):
-                self.heal(armed, ctx)
-
-    def heal(self, armed: ArmedFault, ctx: Context) -> None:
-        armed.healed = True
-        try:
-            armed.fault.heal(ctx)
-        except Exception as exc:  # noqa: BLE001 - healing must not stop the other heals
-            self.history.record("fault_error", fault=armed.fault.describe(), error=str(exc))
-        self.history.record("fault_heal", fault=armed.fault.describe(), step=self.step)
-
     # -- the run -------------------------------------------------------------------------------
 
     def execute(self) -> tuple[RunOutcome, list[CheckResult], dict[str, Any]]:
         if self.work_dir.exists():
             shutil.rmtree(self.work_dir)
         self.work_dir.mkdir(parents=True)
-        (self.work_dir / "train.toml").write_text(scenario_to_toml(self.scenario.train))
-        ctx = Context(self.run_dir, Target(self.run_dir, self.rng), self.history, self.rng,
-                      progress=lambda: self.step)
+        (self.work_dir / "train.toml").write_text(_toml(self.scenario.train))
+        ctx = Context(self.run_dir, self.history, self.rng)
+        book = FaultBook(self.scenario.faults, run_shape(self.scenario.train_config()), ctx,
+                         rng=self.rng,
+                         events_path=self.run_dir / "events.jsonl")
         baseline = self.baseline = Baseline.capture()
         tail = EventTail(self.run_dir / "events.jsonl")
+        rendezvous = Rendezvous(book.handle).start()
         started = time.monotonic()
         deadline = started + self.scenario.timeout_s
-        proc = self.launch(resume=False)
-        monitor = Monitor(proc.pid)
-        monitor.start()
+        monitor, proc = None, None
         launches, status, timed_out = 1, None, False
         try:
+            proc = self.launch(book, rendezvous.path, resume=False)
+            book.land_at_launch()
+            monitor = Monitor(proc.pid)
+            monitor.start()
             while True:
                 for event in tail.poll():
                     if event["event"] == "step":
                         self.step = max(self.step, event["step"])
-                    elif event["event"] == "checkpoint":
-                        self.checkpoints += 1
-                self.running = self.running or self._state() in ("running", "paused")
-                self.fire_and_heal(ctx)
+                book.heal_due(self.step)
                 status = proc.poll()
                 if status is not None:
                     tail.poll()
@@ -199,7 +164,7 @@ class ScenarioRun:
                     if (self.scenario.resume_after_stop and unfinished and status <= 0
                             and launches <= MAX_RESUMES):
                         launches += 1
-                        proc = self.launch(resume=True)
+                        proc = self.launch(book, rendezvous.path, resume=True)
                         monitor.add_root(proc.pid)
                         continue
                     break
@@ -211,17 +176,24 @@ class ScenarioRun:
                     break
                 time.sleep(TICK_S)
         finally:
-            for armed in self.faults:
-                if armed.fired_at_s is not None and not armed.healed:
-                    self.heal(armed, ctx)
-            if proc.poll() is None:
+            book.finish()
+            if proc is not None and proc.poll() is None:
                 _kill_tree(proc)
                 proc.wait()
+            rendezvous.stop()
             wall_s = time.monotonic() - started
-            monitor.stop()
-        leaks = monitor.leak_report(baseline)
+            if monitor is not None:
+                monitor.stop()
+        for error in rendezvous.errors:
+            self.history.record("rendezvous_error", error=error)
+        own_samples = probes.read(self.probe_path)
+        leaks = monitor.leak_report(baseline, judged=probes.exited_cleanly(own_samples))
+        leaks += probes.fd_leaks(own_samples)
         monitor.reap_leftovers()
         self.history.add_run_events(tail.events)
+        for replayed in replayed_ranges(tail.events):
+            self.history.add(replayed)
+        canonical = canonical_history(self.history.entries)
         stderr = "".join(p.read_text(errors="replace")
                          for p in sorted(self.work_dir.glob("stderr-*.txt")))
         if timed_out:
@@ -235,12 +207,17 @@ class ScenarioRun:
                 self.history.record("reference_error", error=str(exc))
         outcome = RunOutcome(
             scenario=self.scenario, run_dir=self.run_dir, exit_status=status, stderr=stderr,
-            wall_s=wall_s, history=self.history, monitor_samples=monitor.samples,
+            wall_s=wall_s, history=self.history,
+            monitor_samples=_with_probes(monitor.samples, own_samples),
             peak_rss_mb=monitor.peak_rss_mb(), leaks=leaks, launches=launches,
             reference_dir=reference_dir,
         )
         results = run_checks(outcome)
         report = write_report(outcome, results, self.report_dir, self.reproduce_command())
+        extra = {"history_digest": digest(canonical), "canonical_history": canonical,
+                 "replay": self.replay_block()}
+        report.update(extra)
+        _add_to_report(self.work_dir / "report.json", extra)
         return outcome, results, report
 
     def _state(self) -> str | None:
@@ -249,8 +226,46 @@ class ScenarioRun:
         except (FileNotFoundError, ValueError):
             return None
 
+    def report_path(self) -> Path:
+        return self.work_dir / "report.json"
+
     def reproduce_command(self) -> str:
-        return f"python -m pipetrain_harness run {self.scenario.path} --seed {self.seed}"
+        return f"python -m pipetrain_harness replay {self.report_path()}"
+
+    def replay_block(self) -> dict[str, Any]:
+        """Everything ``replay`` needs to run this again: the scenario itself (planted bugs
+        and all), the seed, and the environment that picks kernels and threads."""
+        import numpy
+
+        import pipetrain
+
+        return {"scenario": self.scenario.to_dict(), "seed": self.seed, "env": replay_env(),
+                "versions": {"python": sys.version.split()[0], "numpy": numpy.__version__,
+                             "pipetrain": pipetrain.__version__}}
+
+
+def _toml(data: dict[str, Any]) -> str:
+    from pipetrain_harness.scenario import scenario_to_toml
+
+    return scenario_to_toml(data)
+
+
+def _with_probes(samples: list[dict[str, Any]],
+                 own: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The monitor's samples and each process's own start and exit samples, in time order
+    (for the report: a process too short-lived for the monitor still shows)."""
+    extra = [{"t": p["t"], "pid": p["pid"], "ppid": p["ppid"], "name": "python",
+              "role": p["role"], "create_time": p["create_time"], "status": f"probe:{p['when']}",
+              "cpu_percent": None, "rss": p["rss"], "uss": None, "num_threads": p["num_threads"],
+              "num_fds": p["num_fds"], "ctx_switches": None} for p in own]
+    return sorted([*samples, *extra], key=lambda sample: sample["t"])
+
+
+def _add_to_report(path: Path, extra: dict[str, Any]) -> None:
+    """report.json is written by the report module; the replay fields are this module's."""
+    report = json.loads(path.read_text())
+    report.update(extra)
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:

@@ -118,6 +118,7 @@ def parse_scenario(data: dict[str, Any], path: str | Path) -> Scenario:
     train = _parse_train(checker, checker.get(data, "train", dict, default={}))
     faults = _parse_faults(checker, data.get("faults", []))
     expect = _parse_expect(checker, checker.get(data, "expect", dict, default={}))
+    _check_points(faults, train, seed, path)
     return Scenario(path=path, name=name, description=description, seed=seed, train=train,
                     faults=faults, expect=expect, step_delay_s=step_delay_s,
                     resume_after_stop=resume_after_stop, timeout_s=timeout_s)
@@ -175,6 +176,22 @@ def _parse_faults(checker: _Checker, tables: Any) -> list[Any]:
         except FaultError as exc:
             raise ScenarioError(_one_line(exc)) from None
     return faults
+
+
+def _check_points(faults: list[Any], train: dict[str, Any], seed: int, path: Path) -> None:
+    """Every fault's point must be one the run reaches, and no two may race."""
+    import random
+
+    from pipetrain_harness.faults import FaultError
+    from pipetrain_harness.landing import resolve_places, run_shape
+
+    if not faults:
+        return
+    try:
+        shape = run_shape(build_config(train, source=f"{path}: train"))
+        resolve_places(faults, shape, random.Random(seed))  # noqa: S311 - the runner's draw
+    except FaultError as exc:
+        raise ScenarioError(_one_line(exc)) from None
 
 
 def _parse_expect(checker: _Checker, table: dict[str, Any]) -> Expect:

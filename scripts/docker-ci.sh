@@ -13,7 +13,8 @@
 #      and checks the image runs as a non-root user under tini;
 #   5. runs the scenario suite (the image's default command) with ./reports-docker mounted on
 #      /reports and checks a report.json came out for every scenario; then one scenario the way
-#      the README reproduces a failure (python -m pipetrain_harness run ...), as an arbitrary --user;
+#      the README reproduces a failure (python -m pipetrain_harness run ..., then replay of its
+#      report: the same history), as an arbitrary --user;
 #   6. starts a long training run in a container, waits for steps in its events.jsonl, times
 #      `docker stop` (must be under 1 s) and checks the checkpoint and the "stopped" state.
 #
@@ -355,7 +356,10 @@ install -d -o 12345 -g 12345 "$REPORTS/reproduce"
   python -m pipetrain_harness run scenarios/baseline.toml --report-dir /reports | tail -n 3 \
   || fail "python -m pipetrain_harness run scenarios/baseline.toml failed in the container"
 [ -f "$REPORTS/reproduce/baseline/report.json" ] || fail "no report from the reproduced scenario"
-lap "one scenario, reproduced"
+"$DOCKER" run --rm --network none --user 12345:12345 -v "$REPORTS/reproduce:/reports" "$IMAGE" \
+  python -m pipetrain_harness replay /reports/baseline/report.json | tail -n 2 \
+  || fail "python -m pipetrain_harness replay of the baseline report failed in the container"
+lap "one scenario, reproduced and replayed"
 
 # -- 6. docker stop of a training container -----------------------------------------------------
 say "docker stop of a training container"

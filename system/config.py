@@ -12,6 +12,7 @@ naming the layer and the fix (:func:`check_data`).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import tomllib
@@ -157,9 +158,9 @@ def build_config(values: dict[str, Any], *, source: str = "config") -> TrainConf
     """A validated config from defaults overridden by ``values`` (file keys or options)."""
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
-        raise ConfigError(
-            f"{source}: unknown key {unknown[0]!r} (known: {', '.join(sorted(FIELDS))})"
-        )
+        close = difflib.get_close_matches(str(unknown[0]), list(FIELDS), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(FIELDS))}"
+        raise ConfigError(f"{source}: unknown key {unknown[0]!r} ({hint})")
     converted = {key: _convert(key, value, source) for key, value in values.items()}
     if converted.get("model") is not None:
         if converted.get("layers"):

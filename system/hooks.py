@@ -20,7 +20,9 @@ Who calls what (``place`` says which process and generation, see :class:`Place`)
 point                     process        when
 ========================  =============  ====================================================
 ``worker_command``        coordinator    before spawning a worker: its command line
+``quiet_boundary``        coordinator    a step's results are in: may the next one start early?
 ``at_boundary``           coordinator    at a step boundary, before signals are acted on
+``step_started``          coordinator    a step's command sent to every worker, results awaited
 ``checkpoint_phase``      both           after each phase of writing a checkpoint
 ``worker_ready``          worker         set-up done, about to report ready
 ``state_restored``        worker         parameters and optimizer state loaded (resume, restart)
@@ -69,9 +71,22 @@ class Hooks:
         """The command line that starts the worker at ``place``; returns the one to use."""
         return argv
 
+    def quiet_boundary(self, step: int) -> bool:
+        """Asked when step ``step`` is done on every worker and the coordinator could start
+        the next step before this one's digests are in (nothing else to do at this boundary).
+        True keeps the boundary quiet instead: the step's event is written and
+        :meth:`at_boundary` runs with no step in flight, so a fault planned for the next step
+        finds the one before it complete in every process."""
+        return False
+
     def at_boundary(self, step: int) -> None:
         """A step boundary with no step in flight (``step`` steps done), before pending
         signals are read: a signal delivered while this runs is acted on at this boundary."""
+
+    def step_started(self, step: int) -> None:
+        """Step ``step`` has been sent to every worker; the coordinator is about to wait for
+        their results (the workers are at work: a stall of the coordinator here is one in the
+        middle of a step)."""
 
     def checkpoint_phase(self, place: Place, step: int, phase: str) -> None:
         """A checkpoint of ``step`` reached ``phase``: ``segment_written`` (a stage wrote and

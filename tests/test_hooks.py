@@ -17,6 +17,8 @@ def test_the_default_points_do_nothing_and_hand_values_back():
     channel = object()
     assert default.wrap_channel(place, hooks.Place(hooks.STAGE, 2, 0, 2), channel) is channel
     assert default.before_step(place, 5) is None
+    assert default.quiet_boundary(5) is False  # the next step may start early
+    assert default.step_started(5) is None
     assert str(place) == "stage 1 replica 0 (generation 2)"
     assert str(hooks.Place(hooks.COORDINATOR)) == "coordinator"
 

@@ -40,13 +40,31 @@ def modules(root: Path, package: str) -> dict[str, Path]:
     return found
 
 
-def imports(path: Path, known: set[str]) -> set[str]:
-    """The modules of ``known`` that ``path`` imports, outside TYPE_CHECKING blocks."""
+# The package's PEP 562 facade (``pipetrain.train(...)``, ``pipetrain.reference``): imports in a
+# module-level ``__getattr__`` run at attribute access, never at import, and only these may.
+FACADE = {"pipetrain": {"pipetrain.train", "pipetrain.train.api", "pipetrain.config",
+                        "pipetrain.status"}}
+
+
+def _lazy_nodes(tree: ast.Module) -> set[int]:
+    return {id(n) for node in tree.body
+            if isinstance(node, ast.FunctionDef) and node.name == "__getattr__"
+            for n in ast.walk(node)}
+
+
+def imports(path: Path, known: set[str], *, lazy: bool = False) -> set[str]:
+    """The modules of ``known`` that ``path`` imports, outside TYPE_CHECKING blocks (and, unless
+    ``lazy``, outside a module-level ``__getattr__``; with ``lazy``, only those inside it)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     typing_only = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             typing_only.update(id(n) for n in ast.walk(node))
+    facade = _lazy_nodes(tree)
+    if lazy:
+        typing_only |= {id(n) for n in ast.walk(tree) if id(n) not in facade}
+    else:
+        typing_only |= facade
     found = set()
     for node in ast.walk(tree):
         if id(node) in typing_only:
@@ -77,6 +95,12 @@ def test_every_import_goes_down_or_stays_in_its_layer():
     upward = [f"{name} -> {target}" for name, targets in GRAPH.items() for target in targets
               if layer_of(target) > layer_of(name)]
     assert upward == []
+
+
+def test_only_the_package_facade_imports_lazily_and_only_the_api():
+    lazy = {name: imports(path, set(SYSTEM_MODULES), lazy=True) - {name}
+            for name, path in SYSTEM_MODULES.items()}
+    assert {name: targets for name, targets in lazy.items() if targets} == FACADE
 
 
 def test_no_import_cycles():
@@ -136,5 +160,10 @@ def test_the_package_list_is_every_package_on_disk():
     listed = set(project["packages"])
     on_disk = {name for name, path in {**SYSTEM_MODULES, **modules(HARNESS, "pipetrain_harness")}
                .items() if path.name == "__init__.py"}
-    assert listed == on_disk
-    assert project["package-dir"] == {"pipetrain": "system", "pipetrain_harness": "harness"}
+    # Shipped inside the harness from top-level folders: the scenario files (data only) and
+    # the benchmark suite.
+    data = {"pipetrain_harness.scenarios": "scenarios", "pipetrain_harness.bench": "bench"}
+    assert listed == on_disk | set(data)
+    assert project["package-dir"] == {"pipetrain": "system", "pipetrain_harness": "harness",
+                                      **data}
+    assert project["package-data"]["pipetrain_harness.scenarios"] == ["*.toml"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipetrain_harness.faults.base import Context, Fault, FaultError, Launch, Target
+from pipetrain_harness.faults.base import Context, Fault, FaultError, Landing, Launch, RunShape
 
 FAULTS: dict[str, type[Fault]] = {}
 
@@ -44,4 +44,5 @@ def build_fault(table: dict[str, Any], *, where: str = "fault") -> Fault:
     return FAULTS[kind](table, where=where)
 
 
-__all__ = ["FAULTS", "Context", "Fault", "FaultError", "Launch", "Target", "build_fault"]
+__all__ = ["FAULTS", "Context", "Fault", "FaultError", "Landing", "Launch", "RunShape",
+           "build_fault"]

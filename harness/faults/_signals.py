@@ -1,23 +1,18 @@
 """Helpers shared by the kinds that act with Unix signals (kill, freeze, signal_storm,
-checkpoint_crash): parse a signal name, check a target name, send a signal that may find its
-target gone, and own a helper thread.
+checkpoint_crash): parse a signal name and a target, send a signal that may find its target
+gone, and say which signals land deterministically where.
 
-A target that is already gone is a fact to record (``target_gone``), not an error: the run may
-have ended or restarted its workers before the fault fired, and the checks judge the history.
+A target that is already gone is a fact to record (``target_gone``), not an error: a heal may
+come after the coordinator replaced a frozen worker, and the checks judge the history.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import signal
-import threading
-from collections.abc import Callable
 from typing import Any
 
 from pipetrain_harness.faults.base import Context, Fault, FaultError
-
-TARGET_PATTERN = re.compile(r"coordinator|random_worker|stage:\d+(:replica:\d+)?")
 
 # What a stage worker does on each signal: it handles SIGTERM by leaving cleanly, ignores SIGINT
 # and the terminal's job-control stops (the coordinator owns Ctrl-C and Ctrl-Z) and keeps the
@@ -27,6 +22,11 @@ WORKER_IGNORES = frozenset({signal.SIGINT, signal.SIGPIPE, signal.SIGCHLD, signa
                             signal.SIGURG, signal.SIGWINCH, signal.SIGTSTP, signal.SIGTTIN,
                             signal.SIGTTOU})
 WORKER_STOPS = frozenset({signal.SIGSTOP})
+# The signal a worker handles in Python: its handler runs in the main thread, so it lands
+# deterministically only where the main thread is the one parked, and the worker looks at it
+# right after (before a step or an action), not on the all-reduce thread or during start-up.
+WORKER_HANDLES = frozenset({signal.SIGTERM})
+MAIN_THREAD_POINTS = ("before_step", "before_action")
 # Signals after which a target may need a SIGCONT: a kernel stop, or a default-action job-control
 # stop (which the kernel drops in an orphaned process group, so it may not stop at all).
 STOPPING = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
@@ -40,11 +40,16 @@ def parse_signal(fault: Fault, key: str, name: Any) -> signal.Signals:
                          f"(for example 'SIGKILL')") from None
 
 
-def check_target(fault: Fault, name: str, key: str = "target") -> str:
-    if not TARGET_PATTERN.fullmatch(name):
-        raise FaultError(f"{fault.where}: {key} = {name!r} is not a target (coordinator, "
-                         f"random_worker, stage:N or stage:N:replica:R)")
-    return name
+def check_handled_where(fault: Fault, signals: list[signal.Signals]) -> None:
+    """Refuse a signal a worker handles at a point where its handler's effect would be up to
+    the scheduler."""
+    if fault.target == "coordinator" or fault.point.hook in MAIN_THREAD_POINTS:
+        return
+    handled = [sig.name for sig in signals if sig in WORKER_HANDLES]
+    if handled:
+        raise FaultError(f"{fault.where}: {handled[0]} to a worker lands exactly only before a "
+                         f"step or an action (at_step, at_action): its handler runs in the "
+                         f"main thread")
 
 
 def worker_restarts(sig: signal.Signals) -> int | None:
@@ -53,16 +58,6 @@ def worker_restarts(sig: signal.Signals) -> int | None:
     if sig in WORKER_IGNORES:
         return 0
     return None if sig in WORKER_STOPS else 1
-
-
-def resolve(ctx: Context, fault: Fault, target: str) -> int | None:
-    """The target's pid now, or None (recorded) when the run has no such process."""
-    try:
-        return ctx.target.pid(target)
-    except (LookupError, OSError, ValueError) as error:
-        ctx.history.record("target_gone", fault=fault.describe(), target=target,
-                           reason=str(error))
-        return None
 
 
 def send(ctx: Context, fault: Fault, pid: int, sig: signal.Signals) -> bool:
@@ -74,30 +69,3 @@ def send(ctx: Context, fault: Fault, pid: int, sig: signal.Signals) -> bool:
         return False
     ctx.history.record("signal_sent", fault=fault.describe(), pid=pid, signal=sig.name)
     return True
-
-
-class OwnedThread:
-    """A helper thread its fault always stops and joins; an exception inside it is kept and
-    raised again by :meth:`stop`, so a broken fault fails loudly instead of doing nothing."""
-
-    def __init__(self, name: str, body: Callable[[threading.Event], None]) -> None:
-        self.stopping = threading.Event()
-        self.error: BaseException | None = None
-        self._body = body
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._body(self.stopping)
-        except BaseException as error:  # noqa: BLE001 - handed to the owner in stop()
-            self.error = error
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self._thread.join()
-        if self.error is not None:
-            raise self.error
-
-    def is_alive(self) -> bool:
-        return self._thread.is_alive()

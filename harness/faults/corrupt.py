@@ -1,7 +1,7 @@
 """corrupt: flip ``flips`` random bits in the payload bytes that really cross one link.
 
 The receiver's CRC must refuse the frame; the worker group then restarts from the newest
-checkpoint, so one restart is expected (the fault acts only in the first worker generation).
+checkpoint, so one restart is expected (the fault acts on its one frame, once).
 """
 
 from __future__ import annotations

@@ -1,12 +1,17 @@
-"""damage_checkpoint: flip one byte of the newest checkpoint's segment file (or cut it short).
+"""damage_checkpoint: flip one byte of the newest checkpoint's segment file (or cut it short),
+the moment the ``after_checkpoint``-th checkpoint (default 1) has been committed.
 
-The system must refuse the damaged checkpoint by its digest and fall back to an older intact one
-when it next restarts or resumes. There is nothing to heal: damage on disk stays damage.
+The coordinator waits at that commit while the harness damages the files, so the damage always
+hits the same checkpoint. The system must refuse it by its digest and fall back to an older
+intact one when it next restarts or resumes. There is nothing to heal: damage on disk stays.
 """
 
 from __future__ import annotations
 
-from pipetrain_harness.faults.base import Context, Fault
+from typing import Any
+
+from pipetrain_harness.faults.base import CHECKPOINT_KEYS, Context, Fault, FaultError, Landing
+from pipetrain_harness.points import Point, checkpoint_point
 
 MODES = ("flip", "truncate")
 
@@ -14,16 +19,20 @@ MODES = ("flip", "truncate")
 class DamageCheckpoint(Fault):
     kind = "damage_checkpoint"
     params = {"mode": str}
+    point_keys = {key: kind for key, kind in CHECKPOINT_KEYS.items() if key != "phase"}
+    default_target = "coordinator"
 
-    def __init__(self, table, *, where="fault"):
+    def __init__(self, table: dict[str, Any], *, where: str = "fault") -> None:
         super().__init__(table, where=where)
         self.mode = table.get("mode", "flip")
         if self.mode not in MODES:
-            from pipetrain_harness.faults.base import FaultError
-
             raise FaultError(f"{where}: mode {self.mode!r} is not one of {', '.join(MODES)}")
 
-    def invoke(self, ctx: Context) -> None:
+    def build_point(self, table: dict[str, Any], where: str) -> Point:
+        return checkpoint_point(table, where, coordinator=True, default_phase=None,
+                                default_after=1)
+
+    def invoke(self, ctx: Context, landing: Landing) -> None:
         checkpoints = sorted((ctx.run_dir / "checkpoints").glob("step-*"))
         if not checkpoints:
             ctx.history.record("no_checkpoint_to_damage")
@@ -37,10 +46,10 @@ class DamageCheckpoint(Fault):
             position = len(data) // 2
             del data[position:]
         victim.write_bytes(bytes(data))
-        ctx.history.record("checkpoint_damaged", path=str(victim), mode=self.mode,
-                           offset=position)
+        ctx.history.record("checkpoint_damaged", path=str(victim.relative_to(ctx.run_dir)),
+                           mode=self.mode, offset=position)
 
-    def expected_restarts(self) -> int | None:
+    def expected_restarts(self, heartbeat_timeout_s: float | None = None) -> int | None:
         return 0
 
 

@@ -8,7 +8,8 @@ import resource
 from typing import Any
 
 from pipetrain_harness.faults._settings import refuse, setting
-from pipetrain_harness.faults.base import Context, Fault, FaultError, Launch
+from pipetrain_harness.faults.base import Context, Fault, FaultError, Landing, Launch
+from pipetrain_harness.points import Place
 
 MIN_OPEN_FILES = 16  # below this not even the interpreter starts reliably
 
@@ -20,11 +21,11 @@ class FdPressure(Fault):
 
     def __init__(self, table: dict[str, Any], *, where: str = "fault") -> None:
         super().__init__(table, where=where)
-        refuse(self, ("at_step", "after_checkpoint", "duration_s", "for_steps"),
+        refuse(self, ("duration_s", "for_steps"),
                "the limit holds for the whole run")
         self.max_open_files = setting(self, "max_open_files", None, minimum=MIN_OPEN_FILES)
 
-    def prepare(self, launch: Launch) -> None:
+    def prepare(self, launch: Launch, fault_id: int, place: Place | None) -> None:
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if hard != resource.RLIM_INFINITY and self.max_open_files > hard:
             raise FaultError(f"{self.where}: max_open_files = {self.max_open_files} is above "
@@ -32,9 +33,8 @@ class FdPressure(Fault):
         limit = (self.max_open_files, self.max_open_files)
         launch.rlimits[resource.RLIMIT_NOFILE] = limit
 
-    def invoke(self, ctx: Context) -> None:
-        ctx.history.record("fault_in_system", fault=self.describe(), rlimit="RLIMIT_NOFILE",
-                           max_open_files=self.max_open_files)
+    def invoke(self, ctx: Context, landing: Landing) -> None:
+        """In force from launch; the landing is recorded by the runner."""
 
 
 FAULT = FdPressure

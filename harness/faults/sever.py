@@ -1,6 +1,6 @@
-"""sever: the sending stage closes one link's pipe at ``at_step``; the receiver reads
-end-of-file mid-run and the worker group restarts once (the fault acts only in the first
-worker generation)."""
+"""sever: the sending stage closes one link's pipe at its frame: instead of sending it
+(``when = "before"``, the default) or right after (``"after"``). The receiver reads end-of-file
+and the worker group restarts once."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ class Sever(LinkFault):
     params = LINK_PARAMS
     default_for_steps = 1
     restarts = 1
+    takes_when = True
 
 
 FAULT = Sever

@@ -1,13 +1,14 @@
 """signal_storm: ``count`` signals, round-robin from ``signals``, at ``rate_per_s`` (0: as fast as
-possible), to one process; by default SIGUSR1 (checkpoint requests) to the coordinator.
+possible), to one process at its point; by default SIGUSR1 (checkpoint requests) to the
+coordinator at a step boundary.
 
 The contract says any number of signals in any order at any rate leaves the run correct; this
-kind is how that is tested. One owned thread sends them; it ends by itself after ``count``
-signals or when the target is gone, and heal stops and joins it. A storm holding a stop signal
-(SIGTSTP, ...) ends with a SIGCONT at heal, so the run is never left paused: with
-``duration_s`` the target stays paused until then (a timed pause); without it the thread sends
-that SIGCONT itself as soon as it is done, because a paused run makes no progress, so neither
-``for_steps`` nor the end of the run would ever come to heal it.
+kind is how that is tested. The whole storm is sent while the target is parked at its point, so
+every signal has been delivered before it goes on: the coordinator reads them all at that one
+boundary, and the same storm replays to the same requests (a burst of one signal coalesces in
+the kernel, which the coordinator's fold does not mind). A storm holding a stop signal
+(SIGTSTP, ...) ends with a SIGCONT: without ``duration_s`` as its last signal, before the target
+goes on (nothing is left paused); with it, at heal, so the target stays paused that long.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import threading
 import time
 from typing import Any
 
@@ -23,14 +23,13 @@ from pipetrain.threads import CONTROL_SIGNALS
 from pipetrain_harness.faults._settings import setting
 from pipetrain_harness.faults._signals import (
     STOPPING,
-    OwnedThread,
-    check_target,
+    check_handled_where,
     parse_signal,
-    resolve,
     send,
     worker_restarts,
 )
-from pipetrain_harness.faults.base import Context, Fault, FaultError
+from pipetrain_harness.faults.base import STEP_KEYS, Context, Fault, FaultError, Landing
+from pipetrain_harness.points import Point, step_point
 
 # Signals the coordinator survives: its control signals, a kernel stop (the storm ends with a
 # SIGCONT), and the ones Python or the default action ignore.
@@ -41,59 +40,57 @@ COORDINATOR_SURVIVES = frozenset({*CONTROL_SIGNALS, signal.SIGSTOP, signal.SIGPI
 class SignalStorm(Fault):
     kind = "signal_storm"
     params = {"target": str, "signals": list, "count": int, "rate_per_s": (int, float)}
+    point_keys = STEP_KEYS
+    default_target = "coordinator"
 
     def __init__(self, table: dict[str, Any], *, where: str = "fault") -> None:
         super().__init__(table, where=where)
-        self.target = check_target(self, table.get("target", "coordinator"))
         names = table.get("signals", ["SIGUSR1"])
         if not names:
             raise FaultError(f"{where}: signals must name at least one signal")
         self.signals = [parse_signal(self, "signals", name) for name in names]
+        check_handled_where(self, self.signals)
         self.count = setting(self, "count", 100, minimum=1)
         self.rate_per_s = setting(self, "rate_per_s", 1000, minimum=0)
         self.pid: int | None = None
-        self.sent = 0
-        self.thread: OwnedThread | None = None
 
-    def invoke(self, ctx: Context) -> None:
-        self.pid, self.sent = resolve(ctx, self, self.target), 0
-        if self.pid is not None:
-            self.thread = OwnedThread("signal-storm", self._storm)
+    def build_point(self, table: dict[str, Any], where: str) -> Point:
+        return step_point(table, where, coordinator=self.target == "coordinator")
 
-    def _storm(self, stopping: threading.Event) -> None:
+    def invoke(self, ctx: Context, landing: Landing) -> None:
         interval_s = 1 / self.rate_per_s if self.rate_per_s else 0.0
-        started = time.monotonic()
+        started, sent = time.monotonic(), 0
         for index in range(self.count):
-            if stopping.is_set():
-                break
             try:
-                os.kill(self.pid, self.signals[index % len(self.signals)])
+                os.kill(landing.pid, self.signals[index % len(self.signals)])
             except ProcessLookupError:
-                return  # the target is gone: the storm is over
-            self.sent += 1
+                break  # the target is gone (one of the signals ended it): the storm is over
+            sent += 1
             if interval_s:  # pace against the start, so slow sends do not lower the rate
-                stopping.wait(max(0.0, started + (index + 1) * interval_s - time.monotonic()))
-        if self.duration_s is None and STOPPING.intersection(self.signals):
+                time.sleep(max(0.0, started + (index + 1) * interval_s - time.monotonic()))
+        stops = bool(STOPPING.intersection(self.signals))
+        if stops and self.duration_s is None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGCONT)
+                os.kill(landing.pid, signal.SIGCONT)
+        elif stops:
+            self.pid = landing.pid  # continued at heal
+        ctx.history.record("signals_sent", fault=self.describe(), pid=landing.pid, sent=sent,
+                           signals=[sig.name for sig in self.signals])
 
     def heal(self, ctx: Context) -> None:
-        if self.thread is None:
-            return
-        try:
-            self.thread.stop()
-        finally:
-            self.thread = None
-            ctx.history.record("signals_sent", fault=self.describe(), pid=self.pid,
-                               sent=self.sent, signals=[sig.name for sig in self.signals])
-            if STOPPING.intersection(self.signals):
-                send(ctx, self, self.pid, signal.SIGCONT)  # the last word: never left paused
+        if self.pid is not None:
+            send(ctx, self, self.pid, signal.SIGCONT)  # the last word: never left paused
+            self.pid = None
 
-    def expected_restarts(self) -> int | None:
+    def expected_restarts(self, heartbeat_timeout_s: float | None = None) -> int | None:
         if self.target == "coordinator":  # the contract: its signals never cost a restart
             return 0 if COORDINATOR_SURVIVES.issuperset(self.signals) else None
         restarts = {worker_restarts(sig) for sig in self.signals}
-        return 0 if restarts == {0} else None
+        if restarts == {0}:
+            return 0
+        # The first signal that ends a worker ends the storm's effect: one restart.
+        first = next(sig for sig in self.signals * 2 if worker_restarts(sig) != 0)
+        return worker_restarts(first) if self.count >= len(self.signals) else None
 
 
 FAULT = SignalStorm

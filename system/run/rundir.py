@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,8 @@ class RunDir:
             (self.path / "checkpoints").mkdir(exist_ok=True)
         self.state: dict[str, Any] = {}
         self._events = None
+        # Called with every event once it is written: the terminal, metrics.csv, TensorBoard.
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
 
     @property
     def run_json(self) -> Path:
@@ -101,9 +104,16 @@ class RunDir:
         record = {"t": round(time.time(), 6), "event": event, **fields}
         self._events.write(json.dumps(record) + "\n")
         self._events.flush()
+        for listener in self.listeners:
+            listener(record)
         return record
 
     def close(self) -> None:
+        listeners, self.listeners = self.listeners, []
+        for listener in listeners:
+            close = getattr(listener, "close", None)
+            if close is not None:
+                close()
         if self._events is not None:
             self._events.close()
             self._events = None

@@ -239,6 +239,7 @@ class Coordinator:
 
     def start_step(self, step: int) -> None:
         self.broadcast(messages.Step(step=step))
+        hooks.current().step_started(step)
 
     def finish_step(self, step: int) -> tuple[float, list[messages.StepDone]]:
         """Wait for every ``StepDone`` of ``step``; the loss and the replies. The digests may

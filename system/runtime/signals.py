@@ -30,6 +30,7 @@ import ctypes
 import fcntl
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -76,6 +77,7 @@ class Requests:
 class SignalControl:
     def __init__(self) -> None:
         self.requests = Requests()
+        self.installed = True  # the handlers are in place (see signal_control)
         self._read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         with contextlib.suppress(OSError):  # room for a storm of signals between two drains
             fcntl.fcntl(self._write_fd, fcntl.F_SETPIPE_SZ, 1 << 20)
@@ -136,7 +138,17 @@ def _noop(signum: int, frame: object) -> None:
 
 @contextlib.contextmanager
 def signal_control() -> Iterator[SignalControl]:
+    """Run control by signal for the duration; off the main thread (where Python cannot install
+    handlers: a script's worker thread, some notebook runners) none, with ``installed`` False,
+    so that the caller can say so instead of failing."""
     control = SignalControl()
+    if threading.current_thread() is not threading.main_thread():
+        control.installed = False
+        try:
+            yield control
+        finally:
+            control.close()
+        return
     previous = {sig: signal.signal(sig, _noop) for sig in CONTROL_SIGNALS}
     serialise_handlers(CONTROL_SIGNALS)
     previous_fd = signal.set_wakeup_fd(control._write_fd, warn_on_full_buffer=False)

@@ -46,6 +46,8 @@ from pipetrain.run import checkpoint
 from pipetrain.runtime import messages
 from pipetrain.runtime.background import JobFailed
 from pipetrain.runtime.inbox import Inbox, InboxClosed, InboxFailure, PeerClosed, Receivers
+from pipetrain.runtime.proctitle import set_title, stage_title
+from pipetrain.runtime.topology import Position
 from pipetrain.runtime.worker_setup import Parts, build_parts, receive_frame
 from pipetrain.status import ExitCode
 from pipetrain.threads import start_helper
@@ -157,6 +159,7 @@ class Worker:
         parts = self.parts
         stage, place, hooks_now = parts.stage, parts.place, hooks.current()
         hooks_now.before_step(place, step)
+        self._leave_if_terminated()
         started = time.perf_counter()
         waited = 0.0
         # begin_step swaps in the gradient arrays of two steps ago: they must be hashed by now
@@ -165,6 +168,7 @@ class Worker:
         stage.begin_step(step)
         for action in parts.actions:
             hooks_now.before_action(place, step, action)
+            self._leave_if_terminated()
             source = stage.needs_input(action)
             received = None
             if source is not None:
@@ -199,6 +203,14 @@ class Worker:
             compute_s=elapsed - waited - reduce_s - (data_wait or 0.0),
             wait_neighbours_s=waited, allreduce_s=reduce_s, wait_data_s=data_wait,
             loader_depth=depth))
+
+    def _leave_if_terminated(self) -> None:
+        """A SIGTERM that arrived before a step or an action ends the worker there, before
+        that work starts: otherwise whether the work got done would depend on whether its
+        input happened to be queued already (a queued frame is taken without looking at the
+        flag), and the same signal at the same point could end the step or not."""
+        if self.terminate:
+            raise InterruptedError("SIGTERM")
 
     def send_to(self, direction: str, kind: Kind, step: int, index: int,
                 data: np.ndarray) -> None:
@@ -246,6 +258,7 @@ class Worker:
             self.parts = build_parts(init, self.transport, self.inbox, self._report_digests,
                                      self.alive)
             self.name = str(self.parts.place)
+            set_title(stage_title(Position(init.stage, init.replica), init.num_stages))
             self.heartbeat_thread = start_helper(
                 self._heartbeat, name="heartbeat",
                 args=(init.heartbeat_interval_s, init.heartbeat_timeout_s))
@@ -323,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     die_with_parent()
     ignore_job_control()
+    set_title("pipetrain: worker (starting)")
     worker = Worker(PipeChannel(int(argv[0]), int(argv[1]), name="control"), PipeTransport())
 
     def on_term(signum: int, frame: object) -> None:

@@ -25,7 +25,7 @@ def load_workload(config: TrainConfig) -> Workload:
     return workload
 
 
-def evaluate(segment: Segment, workload: Workload) -> dict[str, float]:
+def held_out(segment: Segment, workload: Workload) -> dict[str, float]:
     """``{"loss": ..., "accuracy": ...}`` of the whole network ``segment`` on the held-out
     samples (NaN when nothing is held out; no ``accuracy`` for a language)."""
     indices = workload.eval_indices
@@ -47,7 +47,7 @@ def evaluate(segment: Segment, workload: Workload) -> dict[str, float]:
     return metrics
 
 
-def evaluate_params(params: dict[str, np.ndarray], config: TrainConfig,
+def held_out_params(params: dict[str, np.ndarray], config: TrainConfig,
                     workload: Workload) -> dict[str, float]:
     resolved = config.model_spec().resolved
-    return evaluate(build_segment(resolved, params, 0, len(resolved)), workload)
+    return held_out(build_segment(resolved, params, 0, len(resolved)), workload)

@@ -25,10 +25,12 @@ from pipetrain.nn import (
 )
 from pipetrain.nn.digest import grad_digest
 from pipetrain.pipeline.stage import ModelSpec
-from pipetrain.run.progress import Progress
+from pipetrain.run.metrics import EpochLosses
+from pipetrain.run.observers import observe
 from pipetrain.run.rundir import RunDir, save_params
+from pipetrain.runtime.proctitle import set_title
 from pipetrain.status import ExitCode, RunState
-from pipetrain.train.evaluate import evaluate, load_workload
+from pipetrain.train.evaluate import held_out, load_workload
 
 
 def train_step(
@@ -63,15 +65,19 @@ def train_step(
     return loss, total
 
 
-def run_reference(config: TrainConfig, run_dir: Path, *, quiet: bool = False) -> int:
-    workload = load_workload(config)
+def run_reference(config: TrainConfig, run_dir: Path, *, quiet: bool = False,
+                  tensorboard: bool = False, workload: Workload | None = None) -> int:
+    if workload is None:
+        workload = load_workload(config)
     model = config.model_spec()
     names = model.parameter_names()
     params = init_parameters(model.resolved, config.seed, np.dtype(config.dtype))
     segment = build_segment(model.resolved, params, 0, model.num_layers)
     optimizer = make_optimizer(config.optimizer, params, config.lr)
-    progress = Progress(workload.total_steps, quiet=quiet)
+    epoch_losses = EpochLosses(workload.steps_per_epoch)
     with RunDir(run_dir) as run:
+        set_title(f"pipetrain: reference {run_dir}")
+        observe(run, quiet=quiet, tensorboard=tensorboard)
         run.update_state(
             command="reference", state=RunState.RUNNING, config=config.to_json(),
             config_digest=config.math_digest(), step=0, epoch=0,
@@ -89,13 +95,13 @@ def run_reference(config: TrainConfig, run_dir: Path, *, quiet: bool = False) ->
                 digest = grad_digest(grads, names)
                 optimizer.step(grads)
                 run.emit("step", epoch=epoch, step=step, loss=loss, grad_digest=digest)
-                progress.step(step, epoch, loss)
-            run.emit("epoch_end", epoch=epoch, step=step, loss=loss)
-            metrics = evaluate(segment, workload)
-            run.emit("evaluate", epoch=epoch, step=step, **metrics)
-            progress.epoch(epoch, loss, metrics.get("accuracy"))
+                epoch_losses.add(step, loss)
+            run.emit("epoch_end", epoch=epoch, step=step, loss=loss,
+                     mean_loss=epoch_losses.mean(epoch))
+            scores = held_out(segment, workload)
+            run.emit("evaluate", epoch=epoch, step=step, **scores)
             run.update_state(step=step, epoch=epoch + 1, last_loss=loss,
-                             accuracy=metrics.get("accuracy"), eval_loss=metrics["loss"])
+                             accuracy=scores.get("accuracy"), eval_loss=scores["loss"])
         save_params(run.path / "final.npz", params)
         run.emit("run_end", status=RunState.DONE, step=step)
         run.update_state(state=RunState.DONE)

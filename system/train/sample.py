@@ -29,9 +29,12 @@ class SampleError(UserError):
     """A run directory that cannot be sampled from; one line, exit 2."""
 
 
-def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("sample", help="write text with a trained text model")
-    parser.add_argument("run_dir")
+HELP = "write text with a trained text model"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``pipetrain sample`` (the command line makes the subparser)."""
+    parser.add_argument("run_dir", metavar="RUN_DIR")
     parser.add_argument("--prompt", default="\n", help="text to start from (default: a newline)")
     parser.add_argument("--tokens", type=int, default=200, help="characters to write")
     parser.add_argument("--temperature", type=float, default=0.8,

@@ -19,14 +19,17 @@ from pipetrain import hooks
 from pipetrain.config import ConfigError, TrainConfig
 from pipetrain.data.workload import Workload
 from pipetrain.run import checkpoint
+from pipetrain.run.metrics import EpochLosses
+from pipetrain.run.observers import observe
 from pipetrain.run.progress import Progress
-from pipetrain.run.rundir import RunDir, save_params
+from pipetrain.run.rundir import RunDir, read_events, save_params
 from pipetrain.runtime.coordinator import Aborted, Coordinator
 from pipetrain.runtime.diagnosis import WorkerFailed
 from pipetrain.runtime.launcher import Launcher, PipeLauncher
+from pipetrain.runtime.proctitle import set_title
 from pipetrain.runtime.signals import SignalControl, signal_control
 from pipetrain.status import ExitCode, RunState
-from pipetrain.train.evaluate import evaluate_params, load_workload
+from pipetrain.train.evaluate import held_out_params, load_workload
 
 STATE_UPDATE_INTERVAL_S = 0.5
 # Builds the launcher of a run from its config: pipes by default, MPI ranks under mpirun.
@@ -44,6 +47,10 @@ def resume_point(run: RunDir, config: TrainConfig) -> checkpoint.Manifest | None
         print(f"pipetrain: refusing checkpoint: {reason}", file=sys.stderr)
     if manifest is not None:
         differing = checkpoint.config_differences(manifest, config.math_config())
+        if "epochs" in differing and config.epochs >= manifest.config.get("epochs", 0):
+            # More epochs only add steps: batches are pure functions of (seed, epoch, step),
+            # so the steps done so far are the same either way.
+            differing.remove("epochs")
         if differing:
             raise ConfigError(
                 f"{manifest.path}: written with a different config (differing keys: "
@@ -68,6 +75,10 @@ class TrainingRun:
         self.restarts = 0
         self.pending_restart: dict | None = None
         self._state_written = 0.0
+        # The epoch's mean training loss; a resumed run's epoch began in the earlier launch.
+        self.epoch_losses = EpochLosses(workload.steps_per_epoch)
+        if run.events_path.exists():
+            self.epoch_losses.prime(read_events(run.path))
         self._rate_window = (time.monotonic(), 0)
 
     # -- boundaries --------------------------------------------------------------------------
@@ -87,7 +98,6 @@ class TrainingRun:
         requests = self.signals.requests
         self.run.emit("paused", step=step)
         self.run.update_state(state=RunState.PAUSED, step=step)
-        self.progress.message(f"paused at step {step} (SIGCONT or `pipetrain resume` to go on)")
 
         def unexpected(worker, message) -> None:
             raise WorkerFailed(f"{worker.role} sent {message.TYPE} while paused")
@@ -98,7 +108,6 @@ class TrainingRun:
         requests.paused = False
         self.run.emit("resumed", step=step)
         self.run.update_state(state=RunState.RUNNING)
-        self.progress.message(f"resumed at step {step}")
 
     def at_boundary(self, step: int) -> bool:
         """Act on pending requests; True when the run should stop here."""
@@ -203,18 +212,19 @@ class TrainingRun:
             digest = self.coordinator.step_digest(step)
             if self.pending_restart is not None:
                 self.report_recovery()
-            metrics = [reply.metrics() for reply in replies]
+            metrics = [{"stage": worker.index, "replica": worker.replica, **reply.metrics()}
+                       for worker, reply in zip(self.coordinator.workers, replies, strict=True)]
             run.emit("step", epoch=epoch, step=step, loss=loss, grad_digest=digest,
                      metrics=metrics)
-            self.progress.step(step, epoch, loss)
+            self.epoch_losses.add(step, loss)
             self._note_progress(step, epoch, loss)
             if step % steps_per_epoch == 0:
-                run.emit("epoch_end", epoch=epoch, step=step, loss=loss)
-                metrics = evaluate_params(self.coordinator.gather_params(), config, workload)
-                run.emit("evaluate", epoch=epoch, step=step, **metrics)
-                self.progress.epoch(epoch, loss, metrics.get("accuracy"))
-                run.update_state(epoch=epoch + 1, accuracy=metrics.get("accuracy"),
-                                 eval_loss=metrics["loss"], durable=False)
+                run.emit("epoch_end", epoch=epoch, step=step, loss=loss,
+                         mean_loss=self.epoch_losses.mean(epoch))
+                scores = held_out_params(self.coordinator.gather_params(), config, workload)
+                run.emit("evaluate", epoch=epoch, step=step, **scores)
+                run.update_state(epoch=epoch + 1, accuracy=scores.get("accuracy"),
+                                 eval_loss=scores["loss"], durable=False)
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 self.write_checkpoint(step)
 
@@ -225,6 +235,8 @@ class TrainingRun:
         if step >= self.workload.total_steps or step % self.workload.steps_per_epoch == 0:
             return False
         if self.config.checkpoint_every and step % self.config.checkpoint_every == 0:
+            return False
+        if hooks.current().quiet_boundary(step):
             return False
         self.coordinator.check_signals()
         requests = self.signals.requests
@@ -246,13 +258,21 @@ class TrainingRun:
 
 
 def run_training(config: TrainConfig, run_dir: Path, *, quiet: bool = False,
-                 resume: bool = False, launcher_factory: LauncherFactory = pipe_launcher) -> int:
+                 resume: bool = False, launcher_factory: LauncherFactory = pipe_launcher,
+                 tensorboard: bool = False, workload: Workload | None = None) -> int:
     """The run; ``launcher_factory`` builds its launcher (``pipetrain.train.mpi_run`` passes
-    one whose workers are the MPI ranks)."""
+    one whose workers are the MPI ranks). ``workload``: the config's data, if already loaded
+    and checked. Off the main thread there is no signal control (signals cannot be handled
+    there): the run goes on to its end and says so."""
     with signal_control() as signals:
-        workload = load_workload(config)  # bad data is refused before any run directory exists
-        progress = Progress(workload.total_steps, quiet=quiet)
+        if workload is None:  # bad data is refused before any run directory exists
+            workload = load_workload(config)
         with RunDir(run_dir) as run:
+            set_title(f"pipetrain: coordinator {run_dir}")
+            progress = observe(run, quiet=quiet, tensorboard=tensorboard)
+            if not signals.installed:
+                print("pipetrain: not on the main thread: running without signal control "
+                      "(pause, checkpoint and stop requests are not heard)", file=sys.stderr)
             training = TrainingRun(config, run, signals, workload, progress,
                                    launcher_factory(config))
             return _run(training, resume)
@@ -279,7 +299,6 @@ def _run(training: TrainingRun, resume: bool) -> int:
             save_params(run.path / "final.npz", coordinator.gather_params())
         run.emit("run_end", status=outcome, step=training.step)
         run.update_state(state=outcome, step=training.step)
-        training.progress.message(f"run {outcome}")
         return ExitCode.OK
     except WorkerFailed as exc:
         message = f"run failed: {exc}"

@@ -38,7 +38,7 @@ def build_wheel(tmp_path: Path) -> Path:
     source = tmp_path / "source"
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name if source.exists() else _mkdir(source) / name)
-    for name in ("system", "harness"):
+    for name in ("system", "harness", "scenarios", "bench"):
         shutil.copytree(REPO / name, source / name,
                         ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
@@ -65,6 +65,11 @@ def test_the_wheel_installs_pipetrain_and_its_harness_and_no_generic_name(tmp_pa
         for path in root.rglob("*.py"):
             assert f"{package}/{path.relative_to(root).as_posix()}" in names, path
     assert "pipetrain/data/digits.csv.gz" in names
+    for path in (REPO / "scenarios").glob("*.toml"):  # the scenarios ship with the harness
+        assert f"pipetrain_harness/scenarios/{path.name}" in names, path
+    for path in (REPO / "bench").glob("*.py"):  # and the benchmark suite
+        assert f"pipetrain_harness/bench/{path.name}" in names, path
+    assert not any(name.endswith((".png", ".json")) and "/bench/" in name for name in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     with zipfile.ZipFile(wheel) as archive:
         scripts = archive.read(entry_points).decode()
@@ -111,3 +116,32 @@ def test_a_scenario_from_a_folder_that_would_shadow_it(crowded):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "shadowed" not in result.stdout + result.stderr
     assert (crowded / "reports" / "from-a-crowded-folder" / "report.html").exists()
+
+
+def test_installed_harness_lists_its_shipped_scenarios_from_anywhere(tmp_path):
+    """Installed from the wheel, away from the source tree, `pipetrain-harness list` finds the
+    scenarios in the package, and the fuzzer's default save directory is not in it."""
+    wheel = build_wheel(tmp_path)
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target",
+                    str(target), str(wheel)], check=True, capture_output=True, timeout=300)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = cli_env(PYTHONPATH=str(target))
+    result = subprocess.run([sys.executable, "-m", "pipetrain_harness", "list"], cwd=elsewhere,
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    listed = {line.split()[0] for line in result.stdout.splitlines()}
+    assert listed == {path.stem for path in (REPO / "scenarios").glob("*.toml")}
+    shown = subprocess.run([sys.executable, "-c", "import pipetrain_harness.__main__ as m; "
+                            "print(m.default_scenarios()); print(m.build_parser().parse_args("
+                            "['fuzz', '--seconds', '1']).save_dir)"], cwd=elsewhere, env=env,
+                           capture_output=True, text=True, timeout=60)
+    scenarios, save_dir = shown.stdout.split()
+    assert scenarios.startswith(str(target)), scenarios
+    assert save_dir == "reports/fuzz/found"
+    # The installed benchmark suite answers, and would write into the working directory.
+    bench = subprocess.run([sys.executable, "-m", "pipetrain_harness.bench.run", "--help"],
+                           cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60)
+    assert bench.returncode == 0, bench.stderr
+    assert "(default: bench-results)" in bench.stdout

@@ -80,6 +80,12 @@ def test_roles():
     assert role_of([sys.executable, "-P", "-m", "pipetrain_harness.entry", "train"],
                    "python3") == "coordinator"
     assert role_of(["sleep", "300"], "sleep") == "sleep"
+    # Once a process has set its title (psutil splits a title without NULs on spaces):
+    assert role_of(["pipetrain:", "stage", "1/3", "replica", "0"], "python3") \
+        == "stage 1/3 replica 0"
+    assert role_of(["pipetrain: stage 0/2 replica 1"], "python3") == "stage 0/2 replica 1"
+    assert role_of(["pipetrain:", "coordinator", "runs/x"], "python3") == "coordinator"
+    assert role_of(["pipetrain:", "worker", "(starting)"], "python3") == "worker (starting)"
 
 
 def test_orphaned_grandchild_is_reported_and_reaped(tmp_path):

@@ -99,8 +99,58 @@ def test_report_has_plots(tmp_path):
     outcome, results = make_outcome(tmp_path)
     write_report(outcome, results, tmp_path, "reproduce")
     page = (tmp_path / "kill-worker" / "report.html").read_text()
-    assert page.count('src="data:image/png;base64,') == 3
+    # loss, run minus reference, throughput, CPU, memory (no stage timings in these events)
+    assert page.count('src="data:image/png;base64,') == 5
     assert "plots failed" not in page
+    assert "8 of 8 steps with equal gradient digests; loss difference exactly 0 at 8" in page
+
+
+def test_history_is_folded_and_runs_of_steps_are_one_row(tmp_path):
+    outcome, results = make_outcome(tmp_path)
+    write_report(outcome, results, tmp_path, "reproduce")
+    page = (tmp_path / "kill-worker" / "report.html").read_text()
+    history = page[page.index("<h2>History</h2>"):]
+    assert history.count("<details>") >= 3 and "entries in" in history
+    assert "steps 1–3 (3)" in history and "steps 4–8 (5)" in history  # split by the faults
+    assert '<tr class="harness">' in history  # the fault operations stand out
+
+
+def test_processes_are_named_by_their_most_specific_role():
+    from pipetrain_harness.report import process_summaries
+
+    samples = [{"t": 1.0, "pid": 7, "role": "worker"},
+               {"t": 2.0, "pid": 7, "role": "stage 1/3 replica 0", "rss": 2**20},
+               {"t": 3.0, "pid": 7, "role": "python3", "status": "zombie", "rss": 0}]
+    [summary] = process_summaries(samples)
+    assert summary["role"] == "stage 1/3 replica 0" and summary["peak_rss_mb"] == 1.0
+
+
+def test_timeline_marks_restarts_checkpoints_landings_and_replayed_steps(tmp_path):
+    from pipetrain_harness.report_plots import timeline
+
+    outcome, _ = make_outcome(tmp_path)
+    history = outcome.history.sorted() + [
+        {"t": 103.25, "source": "harness", "op": "fault_landed", "step": 4, "point": "1B2"}]
+    line = timeline(outcome.run_events(), history, outcome.monitor_samples)
+    kinds = {mark.kind: mark for mark in line.marks}
+    assert set(kinds) == {"restart", "fault_invoke", "fault_heal", "fault_landed"}
+    assert kinds["restart"].step == 3 and kinds["fault_landed"].step == 4
+    assert line.replayed == [(4, 4)]
+    assert line.t0 == 100.0
+
+
+def test_report_of_a_plain_run_directory(tmp_path):
+    pytest.importorskip("matplotlib")
+    from pipetrain_harness.report import write_run_report
+
+    fake_run(tmp_path / "run", 6, restart_at=3)
+    fake_run(tmp_path / "reference", 6)
+    page_path = write_run_report(tmp_path / "run", reference_dir=tmp_path / "reference")
+    assert page_path == tmp_path / "run" / "report.html"
+    page = page_path.read_text()
+    assert page.count('src="data:image/png;base64,') == 3  # loss, difference, throughput
+    assert "run minus reference" in page and "restart" in page
+    assert "no monitor sampled" not in page  # no worker_exit events: no process table
 
 
 def test_report_without_matplotlib(tmp_path, monkeypatch):

@@ -57,8 +57,9 @@ class NoopFault(Fault):
 
     kind = "noop"
     params: ClassVar[dict] = {"target": str, "strength": int}
+    point_keys: ClassVar[dict] = {"at_step": int, "after_checkpoint": int}
 
-    def invoke(self, ctx) -> None:
+    def invoke(self, ctx, landing) -> None:
         pass
 
 
@@ -99,7 +100,7 @@ def test_valid_file_loads(tmp_path, fake_faults):
     assert scenario.resume_after_stop is False
     assert scenario.train["stages"] == 2
     assert [f.kind for f in scenario.faults] == ["noop", "noop"]
-    assert scenario.faults[0].at_step == 3 and scenario.faults[1].duration_s == 0.5
+    assert scenario.faults[0].table["at_step"] == 3 and scenario.faults[1].duration_s == 0.5
     assert scenario.expect == Expect(restarts=1, max_rss_mb=400.0)
     config = scenario.train_config()
     assert isinstance(config, TrainConfig)
@@ -208,3 +209,20 @@ def test_real_registry(tmp_path):
     scenario = load_scenario(write(tmp_path, text))
     assert scenario.faults[0].kind == "kill"
     refused(tmp_path, text.replace('"kill"', '"laser"'), "faults[0]", "unknown fault kind")
+
+
+@pytest.mark.skipif(not _registry_complete(), reason="the fault kind modules are not all there")
+@pytest.mark.parametrize(("faults", "words"), [
+    ('kind = "kill"\ntarget = "stage:3"', ("faults[0]", "the run has 3 stage(s)")),
+    ('kind = "kill"\ntarget = "stage:1"\nat_step = 2\nat_action = "W0"',
+     ("faults[0]", "not an action of stage 1", "F0 F1 B0 B1")),
+    ('kind = "kill"\ntarget = "stage:1"\nat_step = 2\nat_reduce = 1',
+     ("faults[0]", "replicas >= 2")),
+    ('kind = "sever"\nlink = "2->3"', ("faults[0]", "the run has 3 stage(s)")),
+    ('kind = "kill"\ntarget = "stage:0"\nat_step = 4\n\n[[faults]]\nkind = "corrupt"\n'
+     'link = "1->2"\nat_step = 4', ("faults[1]", "same moment", "faults[0]")),
+])
+def test_points_the_run_cannot_reach_or_that_race_are_refused(tmp_path, faults, words):
+    text = (f'name = "a"\ndescription = "b"\n[train]\nstages = 3\nschedule = "1f1b"\n'
+            f'microbatches = 2\n\n[[faults]]\n{faults}\n')
+    refused(tmp_path, text, *words)

@@ -3,6 +3,8 @@ check and message, and the fuzzer finds a bug that only shows under a restart.""
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 import tomllib
@@ -11,6 +13,7 @@ import pytest
 
 from pipetrain_harness.runner import run_scenario
 from pipetrain_harness.scenario import load_scenario, scenario_to_toml
+from pipetrain_harness.shrink import size
 from tests.helpers import REPO, cli_env
 
 HARNESS = [sys.executable, "-P", "-m", "pipetrain_harness"]
@@ -19,9 +22,9 @@ HARNESS = [sys.executable, "-P", "-m", "pipetrain_harness"]
 def scenario_file(tmp_path, name: str, bug: str):
     plan = {
         "name": name, "description": f"planted bug {bug}", "seed": 1,
-        # Slow enough that the 0.2 s monitor samples every worker before and after the leak:
-        # the digits run is otherwise over in a few tenths of a second.
-        "step_delay_s": 0.02,
+        # No step delay: the run is over in a few tenths of a second, too short for the 0.2 s
+        # monitor to sample a worker before and after its leak; each process's own start and
+        # exit samples still show it.
         "train": {"stages": 3, "epochs": 1},
         "faults": [{"kind": "planted_bug", "bug": bug, "stage": 1, "at_step": 3}],
         "expect": {"equivalence": "bitwise", "no_leaks": True, "restarts": 0},
@@ -33,7 +36,7 @@ def scenario_file(tmp_path, name: str, bug: str):
 
 @pytest.mark.parametrize("bug,check,needle", [
     ("wrong_gradient", "equivalence", "differ"),
-    ("leak_fd", "no_leaks", "fd leak"),
+    ("leak_fd", "no_leaks", "(worker) exited with"),
     ("leak_child", "no_leaks", "process left behind"),
 ])
 def test_planted_bug_is_reported(tmp_path, bug, check, needle):
@@ -43,9 +46,12 @@ def test_planted_bug_is_reported(tmp_path, bug, check, needle):
     failed = {r.name: r for r in results if r.status == "invalid"}
     assert check in failed, results
     assert needle in failed[check].message, failed[check].message
-    assert reproduce.startswith("python -m pipetrain_harness run ")
-    assert str(scenario.path) in reproduce
+    report_path = tmp_path / "reports" / scenario.name / "report.json"
+    assert reproduce == f"python -m pipetrain_harness replay {report_path.resolve()}"
     assert (tmp_path / "reports" / scenario.name / "report.html").exists()
+    [landed] = [e for e in report["canonical_history"] if e.get("op") == "fault_landed"]
+    assert (landed["kind"], landed["step"], landed["target"]) == ("planted_bug", 3,
+                                                                  "stage:1:replica:0")
 
 
 def test_a_correct_run_is_valid(tmp_path):
@@ -58,26 +64,38 @@ def test_a_correct_run_is_valid(tmp_path):
     assert verdict == "valid", results
 
 
-def test_fuzzer_finds_the_planted_restart_bug_and_saves_it(tmp_path):
+def test_fuzzer_finds_the_planted_restart_bug_shrinks_and_saves_it(tmp_path):
     """`stale_restart` drops stage 0's optimizer state on a restart: only plans with a restart
-    and a stateful optimizer reveal it. Seed 3's first plans include one."""
+    after a checkpoint and a stateful optimizer reveal it. Seed 12's first plan is one (a
+    gradient frame corrupted after the first checkpoint, momentum, and a delay that does not
+    matter); a few shrinking runs make it smaller, and the saved plan replays to the same digest
+    and the same invalid verdict."""
     save_dir = tmp_path / "found"
     result = subprocess.run(
-        [*HARNESS, "fuzz", "--seconds", "40", "--seed", "3",
+        [*HARNESS, "fuzz", "--seconds", "1", "--seed", "12", "--shrink-runs", "6",
          "--plant", "stale_restart", "--report-dir", str(tmp_path / "reports"),
          "--save-dir", str(save_dir)],
-        capture_output=True, text=True, timeout=300, cwd=REPO, env=cli_env(),
+        capture_output=True, text=True, timeout=600, cwd=REPO, env=cli_env(),
     )
     assert result.returncode == 1, result.stdout + result.stderr
     saved = sorted(save_dir.glob("*.toml"))
-    assert saved, result.stdout
-    assert f"reproduce: python -m pipetrain_harness run {saved[0]}" in result.stdout
-    # The saved plan carries its bug: the reproduce line alone fails again ...
+    assert len(saved) == 1, result.stdout
+    drawn = tomllib.loads((tmp_path / "reports" / "plans" / "fuzz-12-0.toml").read_text())
+    shrunk = tomllib.loads(saved[0].read_text())
+    assert size(shrunk) < size(drawn), result.stdout
+    assert re.search(r"shrunk in [1-6] run\(s\): ", result.stdout), result.stdout
+    replay_file = saved[0].with_suffix("").with_suffix(".replay.json")
+    assert f"reproduce: python -m pipetrain_harness replay {replay_file}" in result.stdout
+    recorded = json.loads(replay_file.read_text())
+    assert recorded["verdict"] == "invalid"
+    assert recorded["history_digest"][:16] in result.stdout
+    # The reproduce line alone reaches the same history and the same invalid verdict ...
     again = subprocess.run(
-        [*HARNESS, "run", str(saved[0]), "--report-dir", str(tmp_path / "again")],
+        [*HARNESS, "replay", str(replay_file), "--report-dir", str(tmp_path / "again")],
         capture_output=True, text=True, timeout=300, cwd=REPO, env=cli_env(),
     )
-    assert again.returncode == 1, again.stdout
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "verdict invalid (recorded invalid)" in again.stdout
     # ... and the same plan without the planted bug passes.
     plan = tomllib.loads(saved[0].read_text())
     plan["faults"] = [f for f in plan["faults"] if f["kind"] != "planted_bug"]
