@@ -81,8 +81,9 @@ class _Parser(argparse.ArgumentParser):
 
 # (option, type or action, help); the default comes from TrainConfig.
 RUN_OPTIONS: list[tuple[str, Any, str]] = [
-    ("--dataset", str, "digits (built in), or a .csv / .npz file"),
-    ("--layers", str, "layer sizes, input first, e.g. 64,128,10"),
+    ("--dataset", str, "digits or sort (built in), or a .csv / .npz / .txt file"),
+    ("--layers", str, "layer sizes, input first, e.g. 64,128,10 (or [[model]] tables in the "
+     "config file)"),
     ("--stages", int, "pipeline stages, one process each"),
     ("--replicas", int, "data-parallel copies of the pipeline"),
     ("--microbatches", int, "micro-batches per replica per step"),
