@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipetrain.config import ConfigError, TrainConfig, build_config, load_toml
+from pipetrain.data.datasets import BUILT_IN
 
 NAME_RE = re.compile(r"[a-z0-9-]+")
 EQUIVALENCES = ("bitwise", "tolerance", "none")
@@ -151,7 +152,7 @@ def _parse_train(checker: _Checker, train: dict[str, Any]) -> dict[str, Any]:
     if "run_dir" in train:
         checker.fail("train.run_dir", "not allowed: the harness chooses the run directory")
     dataset = train.get("dataset")
-    if isinstance(dataset, str) and dataset != "digits":
+    if isinstance(dataset, str) and dataset not in BUILT_IN:
         # A dataset path is relative to the scenario file, wherever the harness runs from.
         train = {**train, "dataset": str((checker.path.parent / dataset).resolve())}
     try:

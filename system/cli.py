@@ -39,6 +39,7 @@ from pipetrain.nn.optim import OPTIMIZERS  # noqa: E402
 from pipetrain.run.storage import StorageError  # noqa: E402
 from pipetrain.status import ACTIVE_STATES, ExitCode, UserError  # noqa: E402
 from pipetrain.threads import CONTROL_SIGNALS  # noqa: E402
+from pipetrain.train import sample  # noqa: E402
 
 D = TrainConfig  # the defaults every option's help text shows
 
@@ -81,8 +82,9 @@ class _Parser(argparse.ArgumentParser):
 
 # (option, type or action, help); the default comes from TrainConfig.
 RUN_OPTIONS: list[tuple[str, Any, str]] = [
-    ("--dataset", str, "digits (built in), or a .csv / .npz file"),
-    ("--layers", str, "layer sizes, input first, e.g. 64,128,10"),
+    ("--dataset", str, "digits or sort (built in), or a .csv / .npz / .txt file"),
+    ("--layers", str, "layer sizes, input first, e.g. 64,128,10 (or [[model]] tables in the "
+     "config file)"),
     ("--stages", int, "pipeline stages, one process each"),
     ("--replicas", int, "data-parallel copies of the pipeline"),
     ("--microbatches", int, "micro-batches per replica per step"),
@@ -170,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("-o", "--output", metavar="HTML", help="default: RUN_DIR/report.html")
     report.add_argument("--reference", metavar="DIR",
                         help="a reference run directory to compare with (default: none)")
+    sample.add_arguments(add("sample", sample.HELP))
     add("bench", "the benchmark suite: pipetrain bench [--quick] [--repeats N] [--out DIR]")
     completion = add("completion", "print the shell completion script: "
                      "eval \"$(pipetrain completion bash)\"")
@@ -346,6 +349,8 @@ def run(argv: list[str] | None = None) -> int:
             return report(args.run_dir, args.output, args.reference)
         case "completion":
             return completion(args.shell)
+        case "sample":
+            return sample.run_sample(args)
     return train_or_reference(args)
 
 

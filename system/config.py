@@ -1,8 +1,12 @@
 """The run configuration: defaults, TOML files, command-line overrides and validation.
 
 A config file holds the same keys as the command-line options, in snake_case
-(``batch_size = 64`` for ``--batch-size 64``). Unknown keys and out-of-range values are refused
-with a :class:`ConfigError` whose one-line message names the key.
+(``batch_size = 64`` for ``--batch-size 64``), and the model either as ``layers = [...]`` (the
+dense/ReLU shorthand) or as ``[[model]]`` tables, one per layer (``type`` and its keys, see
+``pipetrain.nn.model.LAYER_KEYS``; a ``block`` may carry ``repeat = n``). Unknown keys and
+out-of-range values are refused with a :class:`ConfigError` whose one-line message names the key
+(or the model table); a model that does not fit its data is refused before anything starts,
+naming the layer and the fix (:func:`check_data`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from pipetrain.data.datasets import NORMALIZATIONS, DataError
-from pipetrain.data.workload import DataSpec, Workload
+from pipetrain.data.workload import DataSpec, Workload, input_spec
+from pipetrain.nn.model import LAYER_KEYS, LayerSpec, ModelError, resolve, shorthand
 from pipetrain.nn.optim import OPTIMIZERS
 from pipetrain.pipeline.schedule import SCHEDULES as SCHEDULE_BUILDERS
 from pipetrain.pipeline.stage import ModelSpec
@@ -36,7 +41,8 @@ class ConfigError(UserError, ValueError):
 @dataclass(frozen=True)
 class TrainConfig:
     dataset: str = "digits"
-    layers: tuple[int, ...] = (64, 128, 64, 10)
+    layers: tuple[int, ...] = (64, 128, 64, 10)  # () when `model` is given
+    model: tuple[LayerSpec, ...] | None = None  # the [[model]] tables, `repeat` expanded
     stages: int = 3
     replicas: int = 1
     microbatches: int = 4
@@ -67,6 +73,11 @@ class TrainConfig:
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["layers"] = list(self.layers)
+        # Without [[model]] tables the JSON (run.json, the config digest) is what it always was.
+        if self.model is None:
+            del data["model"]
+        else:
+            data["model"] = [spec.to_json() for spec in self.model]
         return data
 
     def math_config(self) -> dict[str, Any]:
@@ -77,8 +88,13 @@ class TrainConfig:
         return hashlib.sha256(json.dumps(self.math_config(), sort_keys=True).encode()).hexdigest()
 
     @property
+    def specs(self) -> tuple[LayerSpec, ...]:
+        """The model's layers: the [[model]] tables, or the shorthand's dense layers."""
+        return self.model if self.model is not None else shorthand(self.layers)
+
+    @property
     def num_layers(self) -> int:
-        return len(self.layers) - 1
+        return len(self.specs)
 
     @property
     def op_timeout_s(self) -> float:
@@ -93,21 +109,27 @@ class TrainConfig:
         return "digits" if self.dataset == "digits" else "noise"
 
     def data_spec(self) -> DataSpec:
+        first = self.specs[0]
         return DataSpec(dataset=self.dataset, holdout=self.holdout, seed=self.seed,
                         normalize=self.normalize, dtype=self.dtype, batch_size=self.batch_size,
-                        epochs=self.epochs)
+                        epochs=self.epochs,
+                        context=first.get("context") if first.type == "embedding" else None,
+                        images=first.type == "conv2d")
 
     def model_spec(self) -> ModelSpec:
-        return ModelSpec(layers=self.layers, seed=self.seed, dtype=self.dtype,
-                         optimizer=self.optimizer, lr=self.lr, batch_size=self.batch_size,
-                         microbatches=self.microbatches)
+        """The model and its step, with the data's shape (the dataset is read, once per
+        process, to learn it)."""
+        return ModelSpec(layers=self.specs, data=input_spec(self.data_spec()), seed=self.seed,
+                         dtype=self.dtype, optimizer=self.optimizer, lr=self.lr,
+                         batch_size=self.batch_size, microbatches=self.microbatches,
+                         replicas=self.replicas)
 
 
 # Keys whose change changes the parameters a run produces; a checkpoint is only resumed under
 # the same values. Stage count and schedule are absent on purpose: they never change the bits.
 MATH_KEYS = (
-    "dataset", "layers", "replicas", "microbatches", "epochs", "batch_size", "lr", "optimizer",
-    "dtype", "seed", "holdout", "normalize", "augment",
+    "dataset", "layers", "model", "replicas", "microbatches", "epochs", "batch_size", "lr",
+    "optimizer", "dtype", "seed", "holdout", "normalize", "augment",
 )
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -140,6 +162,11 @@ def build_config(values: dict[str, Any], *, source: str = "config") -> TrainConf
         hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(FIELDS))}"
         raise ConfigError(f"{source}: unknown key {unknown[0]!r} ({hint})")
     converted = {key: _convert(key, value, source) for key, value in values.items()}
+    if converted.get("model") is not None:
+        if converted.get("layers"):
+            raise ConfigError(f"{source}: give either layers (the dense/ReLU shorthand) or "
+                              "[[model]] tables, not both")
+        converted["layers"] = ()
     config = TrainConfig(**converted)
     validate(config, source)
     return config
@@ -148,6 +175,8 @@ def build_config(values: dict[str, Any], *, source: str = "config") -> TrainConf
 def _convert(key: str, value: Any, source: str) -> Any:
     default = getattr(TrainConfig, key, None)
     where = f"{source}: {key}"
+    if key == "model":
+        return None if value is None else _convert_model(value, source)
     if key == "layers":
         if isinstance(value, str):
             try:
@@ -182,15 +211,73 @@ def _convert(key: str, value: Any, source: str) -> Any:
     return value
 
 
+# Model keys and what their values may be: (lowest value, type).
+_MODEL_VALUES: dict[str, tuple[float, type]] = {
+    "units": (1, int), "channels": (1, int), "kernel": (1, int), "stride": (1, int),
+    "padding": (0, int), "size": (1, int), "p": (0.0, float), "dim": (1, int),
+    "context": (1, int), "heads": (1, int), "hidden": (1, int), "repeat": (1, int),
+}
+MAX_MODEL_LAYERS = 1000
+
+
+def _convert_model(tables: Any, source: str) -> tuple[LayerSpec, ...]:
+    """The [[model]] tables as layer specs, each key checked; ``repeat`` expanded."""
+    if not isinstance(tables, list) or not tables:
+        raise ConfigError(f"{source}: model: expected [[model]] tables (one per layer), got "
+                          f"{tables!r}")
+    specs: list[LayerSpec] = []
+    for number, table in enumerate(tables, start=1):
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: model table {number}: expected a table, got {table!r}")
+        kind = table.get("type")
+        if kind not in LAYER_KEYS:
+            raise ConfigError(f"{source}: model table {number}: type {kind!r} is not one of "
+                              f"{', '.join(LAYER_KEYS)}")
+        where = f"{source}: model table {number} ({kind})"
+        required, optional = LAYER_KEYS[kind]
+        known = {*required, *optional, "type", *(("repeat",) if kind == "block" else ())}
+        for key in table:
+            if key not in known:
+                raise ConfigError(f"{where}: unknown key {key!r} (known: "
+                                  f"{', '.join(sorted(known - {'type'})) or 'none'})")
+        for key in required:
+            if key not in table:
+                raise ConfigError(f"{where}: needs {key!r}")
+        options = []
+        for key, value in table.items():
+            if key in ("type", "repeat"):
+                continue
+            low, kind_of = _MODEL_VALUES[key]
+            number_ok = isinstance(value, int | float) if kind_of is float else isinstance(
+                value, int)
+            if isinstance(value, bool) or not number_ok or value < low:
+                what = "a number" if kind_of is float else "an integer"
+                raise ConfigError(f"{where}: {key} must be {what} >= {low}, got {value!r}")
+            if key == "p" and not value < 1:
+                raise ConfigError(f"{where}: p must be below 1, got {value!r}")
+            options.append((key, float(value) if kind_of is float else value))
+        repeat = table.get("repeat", 1)
+        if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+            raise ConfigError(f"{where}: repeat must be an integer >= 1, got {repeat!r}")
+        specs += [LayerSpec(kind, tuple(options))] * repeat
+        if len(specs) > MAX_MODEL_LAYERS:
+            raise ConfigError(f"{source}: model: more than {MAX_MODEL_LAYERS} layers")
+    return tuple(specs)
+
+
 def validate(config: TrainConfig, source: str = "config") -> None:
     def fail(key: str, why: str) -> None:
         raise ConfigError(f"{source}: {key}: {why}")
 
-    if len(config.layers) < 2 or any(size < 1 for size in config.layers):
+    sizes = config.layers if config.model is None else ()  # the shorthand's layer sizes
+    if config.model is None and (len(sizes) < 2 or any(size < 1 for size in sizes)):
         fail("layers", f"need at least an input and an output size, all >= 1, got "
-             f"{','.join(map(str, config.layers))}")
-    if any(size > 1_000_000 for size in config.layers):
-        fail("layers", "a layer wider than 1,000,000 units is refused")
+             f"{','.join(map(str, sizes))}")
+    widths = [*sizes, *(value for spec in config.specs for key, value in spec.options
+                        if key in ("units", "channels", "dim", "hidden", "context"))]
+    if any(width > 1_000_000 for width in widths):
+        fail("layers" if config.model is None else "model",
+             "a layer wider than 1,000,000 units is refused")
     for key, low in (("stages", 1), ("replicas", 1), ("microbatches", 1), ("epochs", 1),
                      ("batch_size", 1), ("keep_checkpoints", 1), ("loader_threads", 1),
                      ("prefetch", 1), ("blas_threads", 1), ("checkpoint_every", 0),
@@ -223,6 +310,18 @@ def validate(config: TrainConfig, source: str = "config") -> None:
 def check_data(config: TrainConfig, workload: Workload) -> None:
     """Refuse a model that does not fit its data, with a message that says how to fix it."""
     dataset = workload.dataset
+    if config.augment and dataset.tokens:
+        raise DataError(f"{dataset.name}: augment adds noise to numbers; these are tokens "
+                        "(set augment = false)")
+    if config.model is not None:
+        try:
+            resolve(config.model, input_spec(config.data_spec()))
+        except ModelError as exc:
+            raise DataError(f"{dataset.name}: model {exc}") from None
+        return
+    if dataset.x.ndim != 2 or dataset.tokens:
+        raise DataError(f"{dataset.name}: samples of shape {dataset.x.shape[1:]} need [[model]] "
+                        "tables (the layers shorthand takes feature vectors)")
     if dataset.num_features != config.layers[0]:
         raise DataError(
             f"{dataset.name}: {dataset.num_features} features but the first layer expects "

@@ -1,9 +1,12 @@
 """Loading and validating datasets.
 
 Sources: the built-in ``digits`` (8x8 handwritten digits, shipped in this folder, see
-DIGITS-README.md for the attribution), a ``.csv`` file with a header row whose last column is
-``label``, or an ``.npz`` file with arrays ``x`` (samples x features) and ``y`` (integer labels).
-A bad file is refused with a :class:`DataError` that names the file, the line and the problem.
+DIGITS-README.md for the attribution; (N, 64), or (N, 1, 8, 8) images for a model that starts
+with a convolution), a ``.csv`` file with a header row whose last column is ``label``, an
+``.npz`` file with arrays ``x`` and ``y`` (features (N, F) or images (N, C, H, W) with integer
+labels (N,), or integer tokens (N, T) with labels (N, T)), and the sequence tasks of
+``pipetrain.data.sequences`` (a ``.txt`` file, the built-in ``sort``). A bad file is refused
+with a :class:`DataError` that names the file, the line and the problem.
 """
 
 from __future__ import annotations
@@ -13,44 +16,33 @@ import gzip
 import io
 import math
 import zipfile
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-from pipetrain.status import UserError
+from pipetrain.data.base import BUILT_IN, DIGITS, TASKS, DataError, Dataset
+from pipetrain.data.sequences import SORT, load_text, make_sort
 
-DIGITS = "digits"
+__all__ = ["BUILT_IN", "DIGITS", "NORMALIZATIONS", "TASKS", "DataError", "Dataset",
+           "load_dataset", "normalize"]
+
 NORMALIZATIONS = ("none", "standard", "minmax")
 
+def load_dataset(spec: str, *, context: int | None = None, images: bool = False) -> Dataset:
+    """``digits``, ``sort`` or a path to a ``.csv`` / ``.npz`` / ``.txt`` file.
 
-class DataError(UserError, ValueError):
-    """A dataset that cannot be used; the message names the file, line and problem."""
-
-
-@dataclass(frozen=True)
-class Dataset:
-    name: str
-    x: np.ndarray  # (samples, features), float64
-    y: np.ndarray  # (samples,), int64, >= 0
-
-    @property
-    def num_features(self) -> int:
-        return self.x.shape[1]
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.y.max()) + 1 if len(self.y) else 0
-
-
-def load_dataset(spec: str) -> Dataset:
-    """``digits`` or a path to a ``.csv`` / ``.npz`` file."""
+    ``context`` is the sequence length of a model that starts with an embedding (the window of
+    a text, the length of a sort task); ``images`` asks for the digits as 1x8x8 images.
+    """
     if spec == DIGITS:
-        return _load_digits()
+        return _load_digits(images)
+    if spec == SORT:
+        return make_sort(context)
     path = Path(spec)
     if not path.exists():
-        raise DataError(f"{spec}: no such file (use 'digits' or a .csv / .npz path)")
+        raise DataError(f"{spec}: no such file (use 'digits', 'sort' or a .csv / .npz / .txt "
+                        "path)")
     if not path.is_file():
         raise DataError(f"{spec}: not a regular file")
     suffix = path.suffix.lower()
@@ -58,14 +50,19 @@ def load_dataset(spec: str) -> Dataset:
         return _load_csv(path)
     if suffix == ".npz":
         return _load_npz(path)
-    raise DataError(f"{spec}: unsupported file type {suffix!r} (expected .csv or .npz)")
+    if suffix == ".txt":
+        return load_text(path, context)
+    raise DataError(f"{spec}: unsupported file type {suffix!r} (expected .csv, .npz or .txt)")
 
 
-def _load_digits() -> Dataset:
+def _load_digits(images: bool = False) -> Dataset:
     raw = resources.files("pipetrain.data").joinpath("digits.csv.gz").read_bytes()
     table = np.loadtxt(io.StringIO(gzip.decompress(raw).decode("ascii")), delimiter=",")
     # Pixels are counts 0..16: scaled to [0, 1] as the contract says.
-    return Dataset(DIGITS, table[:, :-1] / 16.0, table[:, -1].astype(np.int64))
+    x = table[:, :-1] / 16.0
+    if images:
+        x = x.reshape(-1, 1, 8, 8)
+    return Dataset(DIGITS, x, table[:, -1].astype(np.int64))
 
 
 def _load_csv(path: Path) -> Dataset:
@@ -150,15 +147,19 @@ def _load_npz(path: Path) -> Dataset:
             x, y = archive["x"], archive["y"]
         except ValueError as exc:  # object arrays need pickle, which we refuse
             raise DataError(f"{path}: {exc}") from None
-    if x.ndim != 2:
-        raise DataError(f"{path}: 'x' must be 2-D (samples, features), got shape {x.shape}")
+    if x.ndim == 2 and np.issubdtype(x.dtype, np.integer) and y.shape == x.shape:
+        return _npz_tokens(path, x, y)
+    if x.ndim not in (2, 4):
+        raise DataError(f"{path}: 'x' must be 2-D (samples, features) or 4-D images (samples, "
+                        f"channels, height, width), got shape {x.shape}")
     if y.shape != (x.shape[0],):
-        raise DataError(f"{path}: 'y' has shape {y.shape}, expected ({x.shape[0]},)")
+        raise DataError(f"{path}: 'y' has shape {y.shape}, expected ({x.shape[0]},) (or integer "
+                        "tokens x (N, T) with y of the same shape)")
     if x.shape[0] == 0:
         raise DataError(f"{path}: no samples")
     if not (np.issubdtype(x.dtype, np.number) and not np.issubdtype(x.dtype, np.complexfloating)):
         raise DataError(f"{path}: 'x' must be real numbers, got {x.dtype}")
-    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
     if bad.size:
         raise DataError(f"{path}: 'x' row {bad[0]} has a NaN or infinite value")
     if np.issubdtype(y.dtype, np.floating):
@@ -192,3 +193,15 @@ def normalize(x: np.ndarray, train_rows: np.ndarray, method: str) -> np.ndarray:
         raise ValueError(f"unknown normalisation {method!r} (choose from {NORMALIZATIONS})")
     scale = np.where(scale > 0, scale, 1.0)  # constant columns stay finite
     return (x - shift) / scale
+
+
+def _npz_tokens(path: Path, x: np.ndarray, y: np.ndarray) -> Dataset:
+    """Integer tokens x (N, T) with next-token labels y (N, T): a sequence task."""
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise DataError(f"{path}: no samples")
+    for name, array in (("x", x), ("y", y)):
+        if array.min() < 0 or array.max() >= 2**31:
+            raise DataError(f"{path}: '{name}' holds a token outside 0..2**31-1")
+    vocab = int(max(x.max(), y.max())) + 1
+    return Dataset(str(path), x.astype(np.int64), y.astype(np.int64), task="sequence",
+                   vocab_size=vocab)

@@ -68,9 +68,11 @@ def prepare_microbatch(
     x = None
     if need_x:
         x = workload.x[indices]  # fancy indexing copies: the dataset is never written
-        if augment is not None:
-            x = AUGMENTATIONS[augment](x, indices, seed, epoch)
-        x = np.ascontiguousarray(x, dtype=dtype)
+        if augment is not None:  # augmentations see (samples, features); images are flattened
+            x = AUGMENTATIONS[augment](x.reshape(len(x), -1), indices, seed,
+                                       epoch).reshape(x.shape)
+        # Tokens stay integers; numbers take the model's dtype.
+        x = np.ascontiguousarray(x, dtype=None if np.issubdtype(x.dtype, np.integer) else dtype)
     y = workload.y[indices] if need_y else None
     return MicroBatch(step, microbatch, indices, x, y)
 

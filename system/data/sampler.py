@@ -53,3 +53,10 @@ class Batches:
 def split_batch(batch: np.ndarray, replicas: int, microbatches: int) -> list[list[np.ndarray]]:
     """``[replica][micro-batch] -> indices``, contiguous pieces in order."""
     return [list(np.array_split(share, microbatches)) for share in np.array_split(batch, replicas)]
+
+
+def batch_positions(batch_size: int, replicas: int, microbatches: int, replica: int,
+                    microbatch: int) -> np.ndarray:
+    """Where the rows of one micro-batch sit in the global batch (the same cut as
+    :func:`split_batch`): what a stage without the data needs to seed dropout per sample."""
+    return split_batch(np.arange(batch_size), replicas, microbatches)[replica][microbatch]

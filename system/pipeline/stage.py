@@ -18,12 +18,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 from pipetrain.data.loader import MicroBatch
-from pipetrain.nn import init_parameters, make_optimizer, softmax_cross_entropy
-from pipetrain.nn.layers import build_segment
+from pipetrain.data.sampler import batch_positions
+from pipetrain.nn import (
+    Context,
+    InputSpec,
+    LayerSpec,
+    ResolvedLayer,
+    build_segment,
+    init_parameters,
+    make_optimizer,
+    parameter_names,
+    resolve,
+    softmax_cross_entropy,
+)
 from pipetrain.pipeline.schedule import Action, Op
 from pipetrain.wire.frames import Kind
 
@@ -36,17 +48,38 @@ GradsFinal = Callable[[int, dict[str, np.ndarray]], None]
 class ModelSpec:
     """What a stage needs to know of the whole model and its training step."""
 
-    layers: tuple[int, ...]  # layer sizes, input first
+    layers: tuple[LayerSpec, ...]
+    data: InputSpec  # the shape of one sample (the model's input)
     seed: int
     dtype: str
     optimizer: str
     lr: float
     batch_size: int  # the global batch: every loss is divided by it
     microbatches: int
+    replicas: int = 1
 
     @property
     def num_layers(self) -> int:
-        return len(self.layers) - 1
+        return len(self.layers)
+
+    @cached_property
+    def resolved(self) -> list[ResolvedLayer]:
+        """Every layer with its shapes (raises ModelError if the model does not fit)."""
+        return resolve(self.layers, self.data)
+
+    def parameter_names(self, first: int = 0, stop: int | None = None) -> list[str]:
+        return parameter_names(self.resolved, first, stop)
+
+    @cached_property
+    def _positions(self) -> list[list[np.ndarray]]:
+        return [[batch_positions(self.batch_size, self.replicas, self.microbatches, replica,
+                                 microbatch) for microbatch in range(self.microbatches)]
+                for replica in range(self.replicas)]
+
+    def context(self, step: int, replica: int, microbatch: int) -> Context:
+        """The training context of a micro-batch: its rows' positions in the global batch
+        (worked out once: cutting the batch costs more than a small layer's step)."""
+        return Context(seed=self.seed, step=step, positions=self._positions[replica][microbatch])
 
 
 @dataclass(frozen=True)
@@ -68,19 +101,20 @@ class Stage:
     def __init__(
         self, *, model: ModelSpec, index: int, num_stages: int, first_layer: int,
         stop_layer: int, source: Callable[[int, int], MicroBatch] | None,
-        on_grads_final: GradsFinal | None = None,
+        on_grads_final: GradsFinal | None = None, replica: int = 0,
     ) -> None:
         self.model = model
         self.index = index
+        self.replica = replica
         self.is_first = index == 0
         self.is_last = index == num_stages - 1
         if (self.is_first or self.is_last) and source is None:
             raise ValueError("the first and last stages need a source of micro-batches")
         # source(step, micro-batch) -> MicroBatch: the loader's get() in a worker process.
         self.source = source
-        self.params = init_parameters(list(model.layers), model.seed, np.dtype(model.dtype),
+        self.params = init_parameters(model.resolved, model.seed, np.dtype(model.dtype),
                                       first_layer, stop_layer)
-        self.segment = build_segment(self.params, first_layer, stop_layer, model.num_layers)
+        self.segment = build_segment(model.resolved, self.params, first_layer, stop_layer)
         self.optimizer = make_optimizer(model.optimizer, self.params, model.lr)
         self.names = list(self.params)
         self._step = 0
@@ -120,7 +154,8 @@ class Stage:
             item = self.source(self._step, mb) if self.is_first or self.is_last else None
             if self.is_first:
                 received = item.x
-            output = self.segment.forward(mb, received)
+            context = self.model.context(self._step, self.replica, mb)
+            output = self.segment.forward(mb, received, context=context)
             if not self.is_last:
                 return Outgoing(DOWNSTREAM, Kind.ACTIVATION, mb, output)
             # Every step's global batch is full (the last partial batch of an epoch is dropped).

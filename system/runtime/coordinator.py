@@ -40,9 +40,8 @@ import numpy as np
 
 from pipetrain import hooks
 from pipetrain.config import TrainConfig
-from pipetrain.nn import parameter_names
 from pipetrain.nn.digest import combine
-from pipetrain.pipeline.partition import layer_costs, measured_layer_costs, partition
+from pipetrain.pipeline.partition import stage_bounds as partition_stages
 from pipetrain.pipeline.schedule import build as build_schedule
 from pipetrain.pipeline.schedule import validate as validate_schedule
 from pipetrain.run.rundir import RunDir
@@ -70,12 +69,7 @@ class Aborted(Exception):
 
 def stage_bounds(config: TrainConfig) -> list[tuple[int, int]]:
     """The layers ``[first, stop)`` of every stage, balanced by parameters or measured time."""
-    if config.balance == "time":
-        microbatch = max(1, config.batch_size // (config.replicas * config.microbatches))
-        costs = measured_layer_costs(list(config.layers), microbatch, config.dtype)
-    else:
-        costs = layer_costs(list(config.layers))
-    return partition(costs, config.stages)
+    return partition_stages(config.model_spec(), config.stages, config.balance)
 
 
 class Coordinator:
@@ -387,7 +381,7 @@ class Coordinator:
             answered.add(worker.index)
 
         self.pump(handle, lambda: len(answered) == len(primary))
-        return {name: params[name] for name in parameter_names(self.config.num_layers)}
+        return {name: params[name] for name in self.config.model_spec().parameter_names()}
 
     def recover(self, failure: WorkerFailed, emitted: int) -> Outcome:
         """Replace the failed worker(s) while the others run on (``pipetrain.runtime.

@@ -271,7 +271,8 @@ def build_parts(init: messages.Init, transport: Any, inbox: Inbox, report_digest
                       first_layer=first, stop_layer=stop,
                       source=(lambda step, mb: parts.next_microbatch(step, mb))
                       if workload else None,
-                      on_grads_final=lambda step, grads: parts.reducer.submit(step, grads))
+                      on_grads_final=lambda step, grads: parts.reducer.submit(step, grads),
+                      replica=init.replica)
         actions = build_schedule(config.schedule, init.num_stages, config.microbatches)
         parts = Parts(place=place, config=config, workload=workload, stage=stage,
                       actions=actions[init.stage], inbox=inbox, transport=transport,

@@ -16,9 +16,15 @@ import numpy as np
 from pipetrain.config import TrainConfig
 from pipetrain.data.loader import prepare_microbatch
 from pipetrain.data.workload import Workload
-from pipetrain.nn import init_parameters, make_optimizer, parameter_names, softmax_cross_entropy
+from pipetrain.nn import (
+    Segment,
+    build_segment,
+    init_parameters,
+    make_optimizer,
+    softmax_cross_entropy,
+)
 from pipetrain.nn.digest import grad_digest
-from pipetrain.nn.layers import Segment, build_segment
+from pipetrain.pipeline.stage import ModelSpec
 from pipetrain.run.metrics import EpochLosses
 from pipetrain.run.observers import observe
 from pipetrain.run.rundir import RunDir, save_params
@@ -28,9 +34,11 @@ from pipetrain.train.evaluate import held_out, load_workload
 
 
 def train_step(
-    segment: Segment, workload: Workload, config: TrainConfig, step: int
+    segment: Segment, workload: Workload, config: TrainConfig, step: int,
+    model: ModelSpec | None = None,
 ) -> tuple[float, dict[str, np.ndarray]]:
     """One step's loss and summed gradients, in the documented order."""
+    model = model or config.model_spec()
     loss = 0.0
     total: dict[str, np.ndarray] | None = None
     for replica in range(config.replicas):
@@ -42,7 +50,8 @@ def train_step(
                 microbatches=config.microbatches, need_x=True, need_y=True,
                 augment=config.augmentation, seed=config.seed, dtype=np.dtype(config.dtype),
             )
-            logits = segment.forward(microbatch, item.x)
+            logits = segment.forward(microbatch, item.x,
+                                     context=model.context(step, replica, microbatch))
             mb_loss, grad_logits = softmax_cross_entropy(logits, item.y, config.batch_size)
             replica_loss += mb_loss
             segment.backward(microbatch, grad_logits)
@@ -60,10 +69,10 @@ def run_reference(config: TrainConfig, run_dir: Path, *, quiet: bool = False,
                   tensorboard: bool = False, workload: Workload | None = None) -> int:
     if workload is None:
         workload = load_workload(config)
-    num_layers = config.num_layers
-    names = parameter_names(num_layers)
-    params = init_parameters(list(config.layers), config.seed, np.dtype(config.dtype))
-    segment = build_segment(params, 0, num_layers, num_layers)
+    model = config.model_spec()
+    names = model.parameter_names()
+    params = init_parameters(model.resolved, config.seed, np.dtype(config.dtype))
+    segment = build_segment(model.resolved, params, 0, model.num_layers)
     optimizer = make_optimizer(config.optimizer, params, config.lr)
     epoch_losses = EpochLosses(workload.steps_per_epoch)
     with RunDir(run_dir) as run:
@@ -82,7 +91,7 @@ def run_reference(config: TrainConfig, run_dir: Path, *, quiet: bool = False,
         for epoch in range(config.epochs):
             for _ in range(workload.steps_per_epoch):
                 step += 1
-                loss, grads = train_step(segment, workload, config, step)
+                loss, grads = train_step(segment, workload, config, step, model)
                 digest = grad_digest(grads, names)
                 optimizer.step(grads)
                 run.emit("step", epoch=epoch, step=step, loss=loss, grad_digest=digest)
@@ -92,7 +101,7 @@ def run_reference(config: TrainConfig, run_dir: Path, *, quiet: bool = False,
             scores = held_out(segment, workload)
             run.emit("evaluate", epoch=epoch, step=step, **scores)
             run.update_state(step=step, epoch=epoch + 1, last_loss=loss,
-                             accuracy=scores["accuracy"], eval_loss=scores["loss"])
+                             accuracy=scores.get("accuracy"), eval_loss=scores["loss"])
         save_params(run.path / "final.npz", params)
         run.emit("run_end", status=RunState.DONE, step=step)
         run.update_state(state=RunState.DONE)

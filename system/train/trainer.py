@@ -266,7 +266,7 @@ class TrainingRun:
                          mean_loss=self.epoch_losses.mean(epoch))
                 scores = held_out_params(self.coordinator.gather_params(), config, workload)
                 run.emit("evaluate", epoch=epoch, step=step, **scores)
-                run.update_state(epoch=epoch + 1, accuracy=scores["accuracy"],
+                run.update_state(epoch=epoch + 1, accuracy=scores.get("accuracy"),
                                  eval_loss=scores["loss"], durable=False)
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 self.write_checkpoint(step)

@@ -12,40 +12,37 @@ import pytest
 from pipetrain.nn import (
     OPTIMIZERS,
     Dense,
+    InputSpec,
     Segment,
-    init_parameters,
     make_optimizer,
-    parameter_names,
+    resolve,
+    shorthand,
     softmax_cross_entropy,
 )
-from pipetrain.nn.layers import build_segment
+from pipetrain.nn import build_segment as build_model_segment
+from pipetrain.nn import init_parameters as init_model
 from pipetrain.nn.optim import ADAM_BETA1, ADAM_BETA2, ADAM_EPS, MOMENTUM
 from pipetrain.pipeline.partition import layer_costs, partition
+from tests.nn.gradcheck import TOLERANCE, numeric_grad, rel_error
 
-EPS = 1e-6  # central-difference step (float64)
-TOLERANCE = 1e-6  # relative error allowed between analytic and numeric gradients
 KINK_MARGIN = 1e-3  # pre-activations closer to 0 than this could flip a ReLU under EPS
 
 
-def rel_error(analytic: np.ndarray, numeric: np.ndarray) -> float:
-    """||a - n|| / (||a|| + ||n||): scale-free, and 0 only when both agree."""
-    num = np.linalg.norm(analytic - numeric)
-    den = np.linalg.norm(analytic) + np.linalg.norm(numeric)
-    return float(num / den) if den > 0 else 0.0
+def stack(sizes: list[int]):
+    """The resolved ``layers = sizes`` shorthand: dense layers, ReLU between them."""
+    return resolve(shorthand(tuple(sizes)), InputSpec((sizes[0],), False, 0, sizes[-1]))
 
 
-def numeric_grad(f, array: np.ndarray) -> np.ndarray:
-    """Central differences of the scalar ``f()`` w.r.t. ``array``, perturbed in place."""
-    grad = np.zeros_like(array)
-    for idx in np.ndindex(array.shape):
-        original = array[idx]
-        array[idx] = original + EPS
-        plus = f()
-        array[idx] = original - EPS
-        minus = f()
-        array[idx] = original
-        grad[idx] = (plus - minus) / (2 * EPS)
-    return grad
+def init_parameters(sizes, seed, dtype, first=0, stop=None):
+    return init_model(stack(sizes), seed, dtype, first, stop)
+
+
+def build_segment(params, first, stop, sizes):
+    return build_model_segment(stack(sizes), params, first, stop)
+
+
+def parameter_names(num_layers: int, first: int = 0) -> list[str]:
+    return [f"layers.{i}.{name}" for i in range(first, num_layers) for name in ("weight", "bias")]
 
 
 def random_params(rng: np.random.Generator, sizes: list[int]) -> dict[str, np.ndarray]:
@@ -85,10 +82,11 @@ def kink_free_case(seed: int, sizes: list[int], batch: int, relu_after_last: boo
 
 def make_segment(params, num_layers: int, relu_after_last: bool) -> Segment:
     layers = [
-        Dense(i, params[f"layers.{i}.weight"], params[f"layers.{i}.bias"])
+        Dense(i, params[f"layers.{i}.weight"], params[f"layers.{i}.bias"],
+              relu=i < num_layers - 1 or relu_after_last)
         for i in range(num_layers)
     ]
-    return Segment(layers, relu_after_last=relu_after_last, needs_input_grad=True)
+    return Segment(layers, needs_input_grad=True)
 
 
 def check_segment_gradients(sizes, batch, relu_after_last, seed, split_passes=False):
@@ -167,14 +165,14 @@ def test_segment_refuses_misuse():
     with pytest.raises(RuntimeError, match="before input gradient"):
         segment.backward_weight(0)
     with pytest.raises(ValueError, match="not contiguous"):
-        Segment([segment.layers[1], segment.layers[0]], relu_after_last=False)
+        Segment([segment.layers[1], segment.layers[0]])
     with pytest.raises(ValueError):
         Dense(0, np.ones((3, 4)), np.ones(3))
 
 
 def test_first_segment_computes_no_input_gradient():
     params = init_parameters([5, 4, 3], 0, np.dtype("float64"))
-    segment = build_segment(params, 0, 2, 2)
+    segment = build_segment(params, 0, 2, [5, 4, 3])
     segment.forward(0, np.ones((2, 5)))
     assert segment.backward(0, np.ones((2, 3))) is None
     assert segment.grads()["layers.0.weight"].any()
@@ -238,8 +236,8 @@ def test_segment_chain_is_bitwise_equal_to_one_segment(cuts):
     sizes = [9, 16, 12, 7, 5]
     num_layers = 4
     params = init_parameters(sizes, 11, np.dtype("float64"))
-    whole = build_segment(params, 0, num_layers, num_layers)
-    chain = [build_segment(params, a, b, num_layers) for a, b in itertools.pairwise(cuts)]
+    whole = build_segment(params, 0, num_layers, sizes)
+    chain = [build_segment(params, a, b, sizes) for a, b in itertools.pairwise(cuts)]
     rng = np.random.default_rng(5)
     xs = [rng.normal(size=(n, sizes[0])) for n in (3, 1, 4)]
     labels = [rng.integers(0, sizes[-1], len(x)) for x in xs]
@@ -463,8 +461,8 @@ def test_full_backward_equals_input_then_weight_pass_and_reports_final_layers():
     reports the layer as done, last first; the bits are those of the split I/W passes."""
     sizes = [9, 16, 12, 7, 5]
     params = init_parameters(sizes, 3, np.dtype("float32"))
-    whole = build_segment(params, 0, 4, 4)
-    split = build_segment({k: v.copy() for k, v in params.items()}, 0, 4, 4)
+    whole = build_segment(params, 0, 4, sizes)
+    split = build_segment({k: v.copy() for k, v in params.items()}, 0, 4, sizes)
     rng = np.random.default_rng(8)
     reported: list[tuple[int, dict[str, np.ndarray]]] = []
     for m in range(3):

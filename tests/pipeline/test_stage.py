@@ -5,17 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipetrain.config import build_config
 from pipetrain.data.loader import MicroBatch
+from pipetrain.nn import InputSpec, shorthand
 from pipetrain.pipeline.schedule import Op
 from pipetrain.pipeline.schedule import build as build_schedule
-from pipetrain.pipeline.stage import Stage
+from pipetrain.pipeline.stage import ModelSpec, Stage
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zb"])
 def test_each_layer_is_reported_once_per_step_after_its_last_weight_pass(schedule):
-    config = build_config({"layers": [6, 8, 5, 3], "microbatches": 3, "batch_size": 12,
-                           "schedule": schedule})
+    model = ModelSpec(layers=shorthand((6, 8, 5, 3)), data=InputSpec((6,), False, 0, 3), seed=0,
+                      dtype="float64", optimizer="momentum", lr=0.05, batch_size=12,
+                      microbatches=3)
     rng = np.random.default_rng(0)
 
     def source(step, microbatch):
@@ -29,7 +30,7 @@ def test_each_layer_is_reported_once_per_step_after_its_last_weight_pass(schedul
         steps.append(step)
         reports.append((list(grads), {n: g.copy() for n, g in grads.items()}))
 
-    stage = Stage(model=config.model_spec(), index=0, num_stages=1, first_layer=0,
+    stage = Stage(model=model, index=0, num_stages=1, first_layer=0,
                   stop_layer=3, source=source, on_grads_final=on_grads_final)
     for step in (1, 2):
         reports.clear()

@@ -78,7 +78,7 @@ def test_close_drops_jobs_not_started_and_joins():
 def test_swapped_gradient_buffers_leave_the_previous_step_intact():
     rng = np.random.default_rng(0)
     layer = Dense(0, rng.standard_normal((5, 3)), rng.standard_normal(3))
-    segment = Segment([layer], relu_after_last=False)
+    segment = Segment([layer])
     x, g = rng.standard_normal((4, 5)), rng.standard_normal((4, 3))
 
     def one_step():
@@ -86,7 +86,7 @@ def test_swapped_gradient_buffers_leave_the_previous_step_intact():
         segment.zero_grads()
         segment.forward(0, x)
         segment.backward(0, g)
-        return layer.grad_weight, layer.grad_bias
+        return layer.grad["weight"], layer.grad["bias"]
 
     first_w, first_b = one_step()
     kept = first_w.copy(), first_b.copy()

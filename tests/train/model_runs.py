@@ -1,0 +1,65 @@
+"""The tiny conv net and transformer that the model tests train (and the MPI tests reuse).
+
+Tiny models on few steps (a large held-out share keeps the training set small), with dropout in
+both so that its masks must not depend on how the batch is cut, and both dtypes.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+CONV = """
+dataset = "digits"
+holdout = 0.9
+batch_size = 30
+microbatches = 3
+optimizer = "momentum"
+lr = 0.05
+epochs = 1
+[[model]]
+type = "conv2d"
+channels = 4
+kernel = 3
+padding = 1
+[[model]]
+type = "relu"
+[[model]]
+type = "maxpool2d"
+size = 2
+[[model]]
+type = "flatten"
+[[model]]
+type = "dropout"
+p = 0.3
+[[model]]
+type = "dense"
+"""
+
+GPT = """
+dataset = "sort"
+holdout = 0.99
+batch_size = 30
+microbatches = 3
+optimizer = "adam"
+lr = 0.01
+epochs = 1
+[[model]]
+type = "embedding"
+dim = 8
+context = 6
+[[model]]
+type = "dropout"
+p = 0.1
+[[model]]
+type = "block"
+heads = 2
+hidden = 16
+repeat = 2
+[[model]]
+type = "layernorm"
+[[model]]
+type = "dense"
+"""
+MODELS = {"conv": CONV, "gpt": GPT}
+DTYPE = {1: "float64", 2: "float32"}  # by replica count: both dtypes, half the runs
+GRID = list(itertools.product([1, 2, 3, 4], [1, 2], ["gpipe", "1f1b", "zb"]))  # S, R, schedule
