@@ -63,8 +63,8 @@ def profile_reference(config_path: str, steps: int) -> str:
 
     from pipetrain.config import build_config, load_toml
     from pipetrain.nn import build_segment, init_parameters, make_optimizer
-    from pipetrain.train.evaluate import load_workload
-    from pipetrain.train.reference import train_step
+    from pipetrain.training.evaluate import load_workload
+    from pipetrain.training.reference import train_step
 
     config = build_config({**load_toml(config_path), "stages": 1})
     workload = load_workload(config)

@@ -87,7 +87,7 @@ def _draw(rng: random.Random, index: int, seed: int, plant: str | None) -> dict[
 def _shape(train: dict[str, Any]) -> dict[str, Any]:
     from pipetrain.pipeline.schedule import build as build_schedule
     from pipetrain.runtime.coordinator import stage_bounds
-    from pipetrain.train.evaluate import load_workload
+    from pipetrain.training.evaluate import load_workload
 
     config = build_config(train, source="fuzz")
     return {"total": load_workload(config).total_steps, "bounds": stage_bounds(config),

@@ -4,7 +4,7 @@ The packages are layers; a module imports only from its own package and the ones
 (``tests/test_layout.py`` holds this, and that no import goes round in a cycle)::
 
     cli                      the command line
-    train                    the training loop around the coordinator; the reference trainer
+    training                 the training loop around the coordinator; the reference; the API
     runtime                  processes: messages, topology, signals, worker, coordinator, launchers
     config                   the resolved, validated run configuration
     run                      the run directory: state, events, checkpoints, progress
@@ -14,7 +14,7 @@ The packages are layers; a module imports only from its own package and the ones
     nn                       pure numpy math: layers, loss, optimizers, digests
     hooks, status, threads   the fault seam, exit codes and states, helper threads
 
-The Python API, documented in ``pipetrain.train.api``::
+The Python API, documented in ``pipetrain.training.api``::
 
     import pipetrain
     result = pipetrain.train({"epochs": 5}, stages=2)     # -> pipetrain.RunResult
@@ -35,12 +35,8 @@ __all__ = ["train", "reference", "RunResult", "TrainConfig", "UserError", "__ver
 def __getattr__(name: str) -> Any:
     # The one import from the top of the package upward (tests/test_layout.py allows it): the
     # API facade, resolved at attribute access, never at import.
-    if name == "train":
-        import pipetrain.train
-
-        return pipetrain.train  # callable: pipetrain.train(config) is the API's train
-    if name in ("reference", "RunResult"):
-        from pipetrain.train import api
+    if name in ("train", "reference", "RunResult"):
+        from pipetrain.training import api
 
         return getattr(api, name)
     if name == "TrainConfig":

@@ -39,7 +39,7 @@ from pipetrain.nn.optim import OPTIMIZERS  # noqa: E402
 from pipetrain.run.storage import StorageError  # noqa: E402
 from pipetrain.status import ACTIVE_STATES, ExitCode, UserError  # noqa: E402
 from pipetrain.threads import CONTROL_SIGNALS  # noqa: E402
-from pipetrain.train import sample  # noqa: E402
+from pipetrain.training import sample  # noqa: E402
 
 D = TrainConfig  # the defaults every option's help text shows
 
@@ -286,9 +286,9 @@ def prepare_run(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
     return prepared.config, prepared.run_dir
 
 
-def _prepare(args: argparse.Namespace):  # -> pipetrain.train.api.Prepared
+def _prepare(args: argparse.Namespace):  # -> pipetrain.training.api.Prepared
     from pipetrain.run.lock import busy, lock_holder
-    from pipetrain.train.api import prepare
+    from pipetrain.training.api import prepare
 
     if args.run_dir and Path(args.run_dir).exists() and not Path(args.run_dir).is_dir():
         raise UsageError(f"{args.run_dir}: cannot be used as a run directory (it is a file, "
@@ -300,10 +300,10 @@ def _prepare(args: argparse.Namespace):  # -> pipetrain.train.api.Prepared
 
 
 def train_or_reference(args: argparse.Namespace) -> int:
-    from pipetrain.train.api import execute
+    from pipetrain.training.api import execute
 
     if args.command == "train":  # --transport mpi: every rank of `mpirun -n N ...` comes here
-        from pipetrain.train import mpi_run
+        from pipetrain.training import mpi_run
 
         if mpi_run.launched_by_mpirun():
             return mpi_run.main(lambda: prepare_run(args), quiet=args.quiet,

@@ -22,7 +22,7 @@ HARNESS = REPO / "harness"
 LAYERS = [
     {"pipetrain", "pipetrain.hooks", "pipetrain.status", "pipetrain.threads"},
     {"pipetrain.nn"}, {"pipetrain.data"}, {"pipetrain.wire"}, {"pipetrain.pipeline"},
-    {"pipetrain.run"}, {"pipetrain.config"}, {"pipetrain.runtime"}, {"pipetrain.train"},
+    {"pipetrain.run"}, {"pipetrain.config"}, {"pipetrain.runtime"}, {"pipetrain.training"},
     {"pipetrain.cli"}, {"pipetrain.__main__"},
 ]
 MAX_MODULE_LINES = 400
@@ -42,7 +42,7 @@ def modules(root: Path, package: str) -> dict[str, Path]:
 
 # The package's PEP 562 facade (``pipetrain.train(...)``, ``pipetrain.reference``): imports in a
 # module-level ``__getattr__`` run at attribute access, never at import, and only these may.
-FACADE = {"pipetrain": {"pipetrain.train", "pipetrain.train.api", "pipetrain.config",
+FACADE = {"pipetrain": {"pipetrain.training", "pipetrain.training.api", "pipetrain.config",
                         "pipetrain.status"}}
 
 

@@ -7,7 +7,7 @@ the coordinator a :class:`~pipetrain.runtime.launcher.WorkerHandle` per rank ove
 channels :class:`MpiWorld` opened, and stops ranks by telling them to (a rank cannot be killed
 alone; one that does not answer makes rank 0 abort the job). On the ranks, :class:`MpiTransport`
 opens a worker's links as MPI channels (``pipetrain.wire.mpi_channel``). The start-up and the
-signal handling of the whole job are in ``pipetrain.train.mpi_run``.
+signal handling of the whole job are in ``pipetrain.training.mpi_run``.
 
 Workers always exit 0 once told to stop, sending their own status to rank 0 in a last
 :class:`~pipetrain.runtime.messages.Exited` message: a non-zero exit of any rank would make

@@ -13,7 +13,7 @@ from pipetrain.config import ConfigError, build_config
 from pipetrain.runtime.mpi_launcher import MpiLauncher, MpiRank
 from pipetrain.runtime.signals import Requests
 from pipetrain.runtime.topology import Grid
-from pipetrain.train.mpi_run import check_world, launch_hint, launcher_rank, world_size
+from pipetrain.training.mpi_run import check_world, launch_hint, launcher_rank, world_size
 
 
 def test_ranks_are_a_coordinator_then_the_grid_replica_by_replica():

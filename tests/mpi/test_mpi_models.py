@@ -8,7 +8,7 @@ import pytest
 
 from tests.helpers import assert_bitwise_equal, assert_same_steps, load_params, run_cli
 from tests.mpi.mpirun import assert_no_survivors, mpi_env, run_mpi
-from tests.train.model_runs import MODELS
+from tests.training.model_runs import MODELS
 
 
 @pytest.mark.parametrize("model,ranks,stages,replicas", [("conv", 4, 3, 1), ("gpt", 5, 2, 2)])

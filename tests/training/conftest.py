@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.helpers import run_cli
-from tests.train.model_runs import DTYPE, MODELS
+from tests.training.model_runs import DTYPE, MODELS
 
 
 @pytest.fixture(scope="module")

@@ -42,8 +42,8 @@ from pipetrain.runtime.recovery import RecoveryImpossible
 from pipetrain.runtime.signals import SignalControl, signal_control
 from pipetrain.runtime.snapshot import SnapshotError
 from pipetrain.status import ExitCode, RunState
-from pipetrain.train.evaluate import held_out_params, load_workload
-from pipetrain.train.resume import dataset_digest, resume_point
+from pipetrain.training.evaluate import held_out_params, load_workload
+from pipetrain.training.resume import dataset_digest, resume_point
 
 STATE_UPDATE_INTERVAL_S = 0.5
 # Builds the launcher of a run from its config: pipes by default, MPI ranks under mpirun.
@@ -303,7 +303,7 @@ class TrainingRun:
 def run_training(config: TrainConfig, run_dir: Path, *, quiet: bool = False,
                  resume: bool = False, launcher_factory: LauncherFactory = pipe_launcher,
                  tensorboard: bool = False, workload: Workload | None = None) -> int:
-    """The run; ``launcher_factory`` builds its launcher (``pipetrain.train.mpi_run`` passes
+    """The run; ``launcher_factory`` builds its launcher (``pipetrain.training.mpi_run`` passes
     one whose workers are the MPI ranks). ``workload``: the config's data, if already loaded
     and checked. Off the main thread there is no signal control (signals cannot be handled
     there): the run goes on to its end and says so."""

@@ -38,7 +38,7 @@ from pipetrain.data.workload import Workload
 from pipetrain.run.metrics import read_metrics
 from pipetrain.run.rundir import default_run_dir, load_params, read_events, read_state
 from pipetrain.status import ExitCode, RunState, UserError
-from pipetrain.train.evaluate import load_workload
+from pipetrain.training.evaluate import load_workload
 
 ConfigLike = TrainConfig | dict[str, Any] | str | Path | None
 
@@ -125,11 +125,11 @@ def execute(prepared: Prepared, *, quiet: bool = False, tensorboard: bool = Fals
     # The coordinator only evaluates: its BLAS stays single-threaded (see pipetrain.cli).
     with threadpool_limits(config.blas_threads if prepared.command == "reference" else 1):
         if prepared.command == "reference":
-            from pipetrain.train.reference import run_reference
+            from pipetrain.training.reference import run_reference
 
             return run_reference(config, prepared.run_dir, quiet=quiet,
                                  tensorboard=tensorboard, workload=prepared.workload)
-        from pipetrain.train.trainer import run_training
+        from pipetrain.training.trainer import run_training
 
         return run_training(config, prepared.run_dir, quiet=quiet, resume=prepared.resume,
                             tensorboard=tensorboard, workload=prepared.workload)

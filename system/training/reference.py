@@ -30,7 +30,7 @@ from pipetrain.run.observers import observe
 from pipetrain.run.rundir import RunDir, save_params
 from pipetrain.runtime.proctitle import set_title
 from pipetrain.status import ExitCode, RunState
-from pipetrain.train.evaluate import held_out, load_workload
+from pipetrain.training.evaluate import held_out, load_workload
 
 
 def train_step(

@@ -14,7 +14,7 @@ price is one process that sleeps in ``poll`` (put it on the login or head node).
 Start-up (no pickle crosses MPI here either): every rank reports its pid and host name to rank 0
 (``Gather``); rank 0 alone reads the command line, config, run directory and checkpoints (several
 ranks checking "is this run directory free?" would race) and broadcasts go or no-go (``Bcast``);
-then rank 0 runs :func:`pipetrain.train.trainer.run_training` with an ``MpiLauncher``, and the
+then rank 0 runs :func:`pipetrain.training.trainer.run_training` with an ``MpiLauncher``, and the
 other ranks serve as workers. Stages write their checkpoint segments and logs into the run
 directory themselves, as with pipes: across hosts it must be on a shared file system at the
 same path.
@@ -99,7 +99,7 @@ def _run_coordinator(world: MpiWorld, prepare: Callable[[], tuple[TrainConfig, P
                      quiet: bool, resume: bool) -> int:
     from threadpoolctl import threadpool_limits
 
-    from pipetrain.train.trainer import run_training
+    from pipetrain.training.trainer import run_training
 
     try:
         config, run_dir = prepare()

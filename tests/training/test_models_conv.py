@@ -1,5 +1,5 @@
 """The conv net across real stage processes is bitwise equal to `pipetrain reference`: every
-stage count 1..4, one and two replicas, every schedule (models in tests/train/model_runs.py)."""
+stage count 1..4, one and two replicas, every schedule (models in tests/training/model_runs.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tests.helpers import (
     run_cli,
     run_state,
 )
-from tests.train.model_runs import DTYPE, GRID
+from tests.training.model_runs import DTYPE, GRID
 
 
 @pytest.mark.parametrize("stages,replicas,schedule", GRID)
