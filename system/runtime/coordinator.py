@@ -131,7 +131,7 @@ class Coordinator:
             heartbeat_interval_s=min(1.0, config.heartbeat_timeout / 5),
             heartbeat_timeout_s=config.heartbeat_timeout, generation=self.generation,
             log_path=str(worker.log_path), fds=list(worker.fds), snapshots=self.snapshots,
-            **fields)
+            trace_dir=str(self.run.path / "trace") if config.trace else None, **fields)
 
     def hand_regions(self, workers: list[WorkerHandle]) -> None:
         """Give each new snapshot region to the worker that holds it (``hand_region``)."""

@@ -31,6 +31,7 @@ from collections.abc import Callable
 import crc32c
 import numpy as np
 
+from pipetrain import tracing
 from pipetrain.hooks import Place
 from pipetrain.runtime.background import JobThread
 from pipetrain.runtime.topology import Grid, Position
@@ -220,4 +221,5 @@ class SnapshotThread(JobThread):
 
     def run_job(self, step: int) -> None:
         self._before_copy(step)
-        self.region.write(step, self._state())
+        with tracing.current().span("snapshot", tracing.SNAPSHOT, {"step": step}):
+            self.region.write(step, self._state())

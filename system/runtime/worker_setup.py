@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from pipetrain import hooks
+from pipetrain import hooks, tracing
 from pipetrain.config import TrainConfig, build_config
 from pipetrain.data.loader import Loader, MicroBatch
 from pipetrain.data.workload import Workload, prepare
@@ -262,7 +263,13 @@ def build_parts(init: messages.Init, transport: Any, inbox: Inbox, report_digest
     first, stop = init.layers
     is_first, is_last = init.stage == 0, init.stage == init.num_stages - 1
     fds = transport.take(init.fds)
+    if init.trace_dir:  # --trace: this process's spans, written when its parts close
+        tracing.install(tracing.Recorder(
+            init.trace_dir, f"stage-{init.stage}-replica-{init.replica}-{os.getpid()}",
+            f"stage {init.stage} replica {init.replica}",
+            sort_index=1 + init.stage * 100 + init.replica))
     with contextlib.ExitStack() as undo:
+        undo.callback(_write_trace)  # first in, so last out: after every thread has stopped
         undo.callback(lambda: close_all(fds))  # what was not taken over by the end
         workload = prepare(config.data_spec()) if is_first or is_last else None
         digester = DigestThread(report_digests)
@@ -312,6 +319,11 @@ def build_parts(init: messages.Init, transport: Any, inbox: Inbox, report_digest
         parts.snapshot(init.start_step)
         parts._undo = undo.pop_all()
     return parts
+
+
+def _write_trace() -> None:
+    with contextlib.suppress(OSError):  # a trace is worth keeping, never worth failing for
+        tracing.current().write()
 
 
 def _new_region(place: hooks.Place, arrays: dict[str, np.ndarray]) -> Region | None:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pipetrain import hooks
+from pipetrain import hooks, tracing
 from pipetrain.config import TrainConfig
 from pipetrain.data.workload import Workload
 from pipetrain.run import checkpoint
@@ -33,6 +33,7 @@ from pipetrain.run.observers import observe
 from pipetrain.run.progress import Progress
 from pipetrain.run.rundir import RunDir, read_events, save_params
 from pipetrain.run.storage import StorageError
+from pipetrain.run.trace_file import merge_trace
 from pipetrain.runtime.coordinator import Aborted, Coordinator
 from pipetrain.runtime.courier import CourierError
 from pipetrain.runtime.diagnosis import StartupFailed, WorkerFailed
@@ -83,7 +84,8 @@ class TrainingRun:
         if self.last_checkpoint_step == step:
             return
         epoch = step // self.workload.steps_per_epoch
-        path = self.coordinator.checkpoint(step, epoch)
+        with tracing.current().span("checkpoint", tracing.CHECKPOINT, {"step": step}):
+            path = self.coordinator.checkpoint(step, epoch)
         checkpoint.prune(self.run.checkpoints, self.config.keep_checkpoints)
         self.last_checkpoint_step = step
         relative = str(path.relative_to(self.run.path))
@@ -231,6 +233,7 @@ class TrainingRun:
         steps_per_epoch, total = workload.steps_per_epoch, workload.total_steps
         step = start_step
         started = None  # a step already sent to the workers, ahead of its boundary
+        trace = tracing.current()
         while True:
             # A boundary is acted on only when no step is in flight: a checkpoint or a pause
             # must see the parameters of the step it is labelled with.
@@ -243,15 +246,21 @@ class TrainingRun:
             self.step = step
             epoch = (step - 1) // steps_per_epoch
             if started != step:
+                step_ns = trace.start()
                 self.coordinator.start_step(step)
             loss, replies = self.coordinator.finish_step(step)
+            trace.end(f"step {step}", tracing.STEP, step_ns, {"step": step})
             started = None
             if self.may_run_ahead(step):
                 # Start the next step before this one's digests are in: the workers hash the
                 # gradients on helper threads while the next step already runs.
                 started = step + 1
+                step_ns = trace.start()
                 self.coordinator.start_step(started)
+            span_ns = trace.start()
             digest = self.coordinator.step_digest(step)
+            trace.end("wait digests", tracing.WAIT, span_ns, {"step": step})
+            span_ns = trace.start()
             if self.pending_restart is not None:
                 self.report_recovery()
             metrics = [{"stage": worker.index, "replica": worker.replica, **reply.metrics()}
@@ -261,10 +270,12 @@ class TrainingRun:
             self.emitted_step = step
             self.epoch_losses.add(step, loss)
             self._note_progress(step, epoch, loss)
+            trace.end("events", tracing.CONTROL, span_ns, {"step": step})
             if step % steps_per_epoch == 0:
                 run.emit("epoch_end", epoch=epoch, step=step, loss=loss,
                          mean_loss=self.epoch_losses.mean(epoch))
-                scores = held_out_params(self.coordinator.gather_params(), config, workload)
+                with trace.span("evaluate", tracing.CONTROL, {"step": step}):
+                    scores = held_out_params(self.coordinator.gather_params(), config, workload)
                 run.emit("evaluate", epoch=epoch, step=step, **scores)
                 run.update_state(epoch=epoch + 1, accuracy=scores.get("accuracy"),
                                  eval_loss=scores["loss"], durable=False)
@@ -312,6 +323,9 @@ def run_training(config: TrainConfig, run_dir: Path, *, quiet: bool = False,
             workload = load_workload(config)
         with RunDir(run_dir) as run:
             set_title(f"pipetrain: coordinator {run_dir}")
+            if config.trace:
+                tracing.install(tracing.Recorder(run.path / "trace", f"coordinator-{os.getpid()}",
+                                                 "coordinator"))
             progress = observe(run, quiet=quiet, tensorboard=tensorboard)
             if not signals.installed:
                 print("pipetrain: not on the main thread: running without signal control "
@@ -371,3 +385,8 @@ def _run(training: TrainingRun, resume: bool) -> int:
         with contextlib.suppress(StorageError):  # a full disk: the workers still go
             training.report_exits(coordinator.shutdown())
         training.launcher.close()
+        if config.trace:  # every worker has written its file by now (it exited)
+            with contextlib.suppress(OSError, ValueError):
+                tracing.current().write()
+                merge_trace(run.path)
+            tracing.install(tracing.NullRecorder())
