@@ -57,6 +57,18 @@ class NullRecorder:
             ) -> None:
         pass
 
+    # The hot call sites (every action and frame) pass their parts, not a formatted name or
+    # an args dict: untraced, building those would be most of what the call costs.
+    def action(self, action: Any, step: int, start_ns: int) -> None:
+        pass
+
+    def waited(self, source: str, action: Any, start_ns: int) -> None:
+        pass
+
+    def frame(self, verb: str, link: str, start_ns: int, kind: Any, step: int,
+              index: int, nbytes: int) -> None:
+        pass
+
     @contextlib.contextmanager
     def span(self, name: str, cat: str, args: dict[str, Any] | None = None) -> Iterator[None]:
         yield
@@ -96,6 +108,20 @@ class Recorder(NullRecorder):
         if tid not in self.thread_names:
             self.thread_names[tid] = threading.current_thread().name
         self.spans.append((name, cat, start_ns, end_ns, tid, args))
+
+    def action(self, action: Any, step: int, start_ns: int) -> None:
+        """A schedule action (a NamedTuple such as ``2F0``) that ran from ``start_ns``."""
+        self.end(str(action), COMPUTE, start_ns, {"step": step, **action._asdict()})
+
+    def waited(self, source: str, action: Any, start_ns: int) -> None:
+        """The main thread waited from ``start_ns`` for ``source``'s frame for ``action``."""
+        self.end(f"wait {source}", WAIT, start_ns, {"for": str(action)})
+
+    def frame(self, verb: str, link: str, start_ns: int, kind: Any, step: int,
+              index: int, nbytes: int) -> None:
+        """A frame sent or received (``verb``) on ``link`` from ``start_ns``."""
+        self.end(f"{verb} {link}", SEND if verb == "send" else RECV, start_ns,
+                 {"kind": kind.name.lower(), "step": step, "mb": index, "bytes": nbytes})
 
     @contextlib.contextmanager
     def span(self, name: str, cat: str, args: dict[str, Any] | None = None) -> Iterator[None]:

@@ -9,10 +9,14 @@ process (sorted coordinator first, then stage by stage) and per thread.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
+
+from pipetrain import tracing
 
 TRACE_DIR = "trace"
 TRACE_FILE = "trace.json"
@@ -20,6 +24,22 @@ TRACE_FILE = "trace.json"
 
 class TraceError(ValueError):
     """No trace, or one that cannot be read; the message names the file."""
+
+
+def start_recording(run_dir: Path) -> None:
+    """Trace this process (the coordinator) into ``run_dir``'s trace directory."""
+    tracing.install(tracing.Recorder(run_dir / TRACE_DIR, f"coordinator-{os.getpid()}",
+                                     "coordinator"))
+
+
+def finish_recording(run_dir: Path) -> None:
+    """Write this process's part, merge every part into ``trace.json`` and stop recording;
+    the parts go once merged. A trace is worth keeping, never worth failing a run for."""
+    with contextlib.suppress(OSError, ValueError):
+        tracing.current().write()
+        merge_trace(run_dir)
+        shutil.rmtree(run_dir / TRACE_DIR, ignore_errors=True)
+    tracing.install(tracing.NullRecorder())
 
 
 def merge_trace(run_dir: Path | str) -> Path:

@@ -93,11 +93,12 @@ class Worker:
         heartbeat thread beats only while this stays fresh, so a stuck main thread goes silent.
 
         Returns whether to stop waiting: on SIGTERM, or when a command arrives while the main
-        thread waits inside a step. Steps run in lock-step, so the coordinator sends nothing
-        during a step but a ``Stop`` after a failure elsewhere (a pipe worker is killed then,
-        an MPI rank must leave its wait to find the ``Stop``)."""
+        thread waits inside a step. During a step the coordinator sends nothing but the next
+        steps (ahead of time: they wait their turn) and, after a failure elsewhere, a ``Halt``
+        or ``Stop`` (a pipe worker is killed then, an MPI rank must leave its wait to find the
+        ``Stop``): only those are urgent."""
         self.last_alive = time.monotonic()
-        return self.terminate or bool(self.inbox.depth(CONTROL))
+        return self.terminate or self.inbox.urgent(CONTROL) > 0
 
     def _heartbeat(self, interval_s: float, timeout_s: float) -> None:
         while not self.stopping.wait(interval_s):
@@ -118,6 +119,7 @@ class Worker:
         return self.terminate
 
     def next_command(self) -> messages.Message:
+        self.inbox.drop_until_urgent(CONTROL)  # steps sent ahead of a halt are void
         frame = self.inbox.get(CONTROL, interrupted=self.idle)
         if frame.kind != Kind.CONTROL:
             raise ProtocolError(f"{self.name}: expected a control frame, got kind {frame.kind}")
@@ -150,14 +152,13 @@ class Worker:
                 span_ns = trace.start()
                 expected = Kind.ACTIVATION if source == UPSTREAM else Kind.GRADIENT
                 received = receive_frame(self.inbox, source, expected, step, action.microbatch,
-                                         what=str(action), interrupted=self.alive,
-                                         name=self.name)
+                                         what=action, interrupted=self.alive, name=self.name)
                 waited += time.perf_counter() - wait_start
-                trace.end(f"wait {source}", tracing.WAIT, span_ns, {"for": str(action)})
+                trace.waited(source, action, span_ns)
             self.alive()
             span_ns = trace.start()
             outgoing = stage.execute(action, received)
-            trace.end(str(action), tracing.COMPUTE, span_ns, {"step": step, **action._asdict()})
+            trace.action(action, step, span_ns)
             if outgoing is not None:
                 self.send_to(outgoing.direction, outgoing.kind, step, outgoing.microbatch,
                              outgoing.array)
@@ -209,9 +210,7 @@ class Worker:
                                                       timeout_s=self.parts.op_timeout_s)
         finally:
             self.sending = False
-            trace.end(f"send {direction}", tracing.SEND, span_ns,
-                      {"kind": kind.name.lower(), "step": step, "mb": index,
-                       "bytes": data.nbytes})
+            trace.frame("send", direction, span_ns, kind, step, index, data.nbytes)
             self.alive()
 
     def send_params(self) -> None:
@@ -278,6 +277,7 @@ class Worker:
     # -- the loop ----------------------------------------------------------------------------
 
     def serve(self) -> int:
+        self.inbox.classify(CONTROL, lambda frame: not messages.is_step(frame.array))
         self.control_receivers = Receivers(self.inbox, op_timeout_s=None)
         self.control_receivers.start(CONTROL, self.control, fatal=True)
         try:

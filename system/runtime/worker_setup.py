@@ -41,8 +41,8 @@ from pipetrain.wire.channel import Channel
 from pipetrain.wire.frames import Kind, ProtocolError
 
 
-def receive_frame(inbox: Inbox, source: str, kind: Kind, step: int, index: int, *, what: str,
-                  interrupted: Callable[[], bool], name: str) -> np.ndarray:
+def receive_frame(inbox: Inbox, source: str, kind: Kind, step: int, index: int, *,
+                  what: object, interrupted: Callable[[], bool], name: str) -> np.ndarray:
     """The next frame from ``source``, which must be the expected one (links keep order)."""
     frame = inbox.get(source, interrupted=interrupted)
     if (frame.kind, frame.step, frame.microbatch) != (kind, step, index):

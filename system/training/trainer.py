@@ -26,6 +26,7 @@ from pathlib import Path
 from pipetrain import hooks, tracing
 from pipetrain.config import TrainConfig
 from pipetrain.data.workload import Workload
+from pipetrain.nn.digest import DIGEST
 from pipetrain.run import checkpoint
 from pipetrain.run.lock import start_ticks
 from pipetrain.run.metrics import EpochLosses
@@ -33,7 +34,7 @@ from pipetrain.run.observers import observe
 from pipetrain.run.progress import Progress
 from pipetrain.run.rundir import RunDir, read_events, save_params
 from pipetrain.run.storage import StorageError
-from pipetrain.run.trace_file import merge_trace
+from pipetrain.run.trace_file import finish_recording, start_recording
 from pipetrain.runtime.coordinator import Aborted, Coordinator
 from pipetrain.runtime.courier import CourierError
 from pipetrain.runtime.diagnosis import StartupFailed, WorkerFailed
@@ -47,6 +48,10 @@ from pipetrain.training.evaluate import held_out_params, load_workload
 from pipetrain.training.resume import dataset_digest, resume_point
 
 STATE_UPDATE_INTERVAL_S = 0.5
+# Steps in flight at most: with two, the next step's command already waits in every worker
+# when it finishes a step, so the round trip through the coordinator (a StepDone there, the next
+# Step back) is off the critical path. More would only delay a signal's boundary further.
+STEPS_IN_FLIGHT = 2
 # Builds the launcher of a run from its config: pipes by default, MPI ranks under mpirun.
 LauncherFactory = Callable[[TrainConfig], Launcher]
 
@@ -231,36 +236,31 @@ class TrainingRun:
     def train(self, start_step: int) -> RunState:
         config, workload, run = self.config, self.workload, self.run
         steps_per_epoch, total = workload.steps_per_epoch, workload.total_steps
-        step = start_step
-        started = None  # a step already sent to the workers, ahead of its boundary
+        step = started = start_step  # the last step done here, the last one sent to the workers
         trace = tracing.current()
         while True:
             # A boundary is acted on only when no step is in flight: a checkpoint or a pause
             # must see the parameters of the step it is labelled with.
-            if started is None:
+            if started == step:
                 if self.at_boundary(step):
                     return RunState.STOPPED
                 if step == total:
                     return RunState.DONE
+                self.start_step(step + 1)
+                started = step + 1
             step += 1
             self.step = step
             epoch = (step - 1) // steps_per_epoch
-            if started != step:
-                step_ns = trace.start()
-                self.coordinator.start_step(step)
+            started = self.run_ahead(step - 1, started)
+            span_ns = trace.start()
             loss, replies = self.coordinator.finish_step(step)
-            trace.end(f"step {step}", tracing.STEP, step_ns, {"step": step})
-            started = None
-            if self.may_run_ahead(step):
-                # Start the next step before this one's digests are in: the workers hash the
-                # gradients on helper threads while the next step already runs.
-                started = step + 1
-                step_ns = trace.start()
-                self.coordinator.start_step(started)
+            trace.end(f"wait step {step}", tracing.WAIT, span_ns, {"step": step})
+            # Start the next steps before this one's digests are in: the workers hash the
+            # gradients on helper threads while the next step already runs.
+            started = self.run_ahead(step, started)
             span_ns = trace.start()
             digest = self.coordinator.step_digest(step)
             trace.end("wait digests", tracing.WAIT, span_ns, {"step": step})
-            span_ns = trace.start()
             if self.pending_restart is not None:
                 self.report_recovery()
             metrics = [{"stage": worker.index, "replica": worker.replica, **reply.metrics()}
@@ -270,7 +270,6 @@ class TrainingRun:
             self.emitted_step = step
             self.epoch_losses.add(step, loss)
             self._note_progress(step, epoch, loss)
-            trace.end("events", tracing.CONTROL, span_ns, {"step": step})
             if step % steps_per_epoch == 0:
                 run.emit("epoch_end", epoch=epoch, step=step, loss=loss,
                          mean_loss=self.epoch_losses.mean(epoch))
@@ -281,6 +280,18 @@ class TrainingRun:
                                  eval_loss=scores["loss"], durable=False)
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 self.write_checkpoint(step)
+
+    def start_step(self, step: int) -> None:
+        with tracing.current().span("send step", tracing.CONTROL, {"step": step}):
+            self.coordinator.start_step(step)
+    def run_ahead(self, done: int, started: int) -> int:
+        """With step ``done`` finished here and steps up to ``started`` sent, send more while
+        fewer than STEPS_IN_FLIGHT are in flight and every boundary jumped over is quiet
+        (:meth:`may_run_ahead`); the last step sent."""
+        while started - done < STEPS_IN_FLIGHT and self.may_run_ahead(started):
+            started += 1
+            self.start_step(started)
+        return started
 
     def may_run_ahead(self, step: int) -> bool:
         """Whether step ``step + 1`` may start before step ``step``'s boundary is handled: only
@@ -324,8 +335,7 @@ def run_training(config: TrainConfig, run_dir: Path, *, quiet: bool = False,
         with RunDir(run_dir) as run:
             set_title(f"pipetrain: coordinator {run_dir}")
             if config.trace:
-                tracing.install(tracing.Recorder(run.path / "trace", f"coordinator-{os.getpid()}",
-                                                 "coordinator"))
+                start_recording(run.path)
             progress = observe(run, quiet=quiet, tensorboard=tensorboard)
             if not signals.installed:
                 print("pipetrain: not on the main thread: running without signal control "
@@ -345,7 +355,8 @@ def _run(training: TrainingRun, resume: bool) -> int:
         checkpoint.remove_stale_temporaries(run.checkpoints)
         run.update_state(
             command="train", state=RunState.STARTING, config=config.to_json(),
-            config_digest=config.math_digest(), coordinator_pid=os.getpid(),
+            config_digest=config.math_digest(), grad_digest_hash=DIGEST,
+            coordinator_pid=os.getpid(),
             coordinator_start_ticks=start_ticks(os.getpid()), worker_pids=[],
             step=start_step, epoch=start_step // workload.steps_per_epoch,
             total_steps=workload.total_steps, segments=[list(b) for b in coordinator.bounds],
@@ -386,7 +397,4 @@ def _run(training: TrainingRun, resume: bool) -> int:
             training.report_exits(coordinator.shutdown())
         training.launcher.close()
         if config.trace:  # every worker has written its file by now (it exited)
-            with contextlib.suppress(OSError, ValueError):
-                tracing.current().write()
-                merge_trace(run.path)
-            tracing.install(tracing.NullRecorder())
+            finish_recording(run.path)
