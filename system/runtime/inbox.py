@@ -34,50 +34,17 @@ class InboxClosed(InboxFailure):
     """The worker is shutting down: whoever still waits for a frame gives up."""
 
 
-# item -> whether it must interrupt whoever waits (see Inbox.urgent)
-Urgency = Callable[[Any], bool]
-
-
 class Inbox:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._items: dict[str, deque[Any]] = {}
         self._failure: InboxFailure | None = None
         self._source_failures: dict[str, InboxFailure] = {}
-        self._urgency: dict[str, Urgency] = {}
-        self._urgent: dict[str, int] = {}
-
-    def classify(self, source: str, urgency: Urgency) -> None:
-        """Count ``source``'s items for which ``urgency(item)`` holds (:meth:`urgent`)."""
-        with self._cond:
-            self._urgency[source] = urgency
-            self._urgent[source] = sum(map(urgency, self._items.get(source, ())))
 
     def put(self, source: str, item: Any) -> None:
         with self._cond:
             self._items.setdefault(source, deque()).append(item)
-            urgency = self._urgency.get(source)
-            if urgency is not None and urgency(item):
-                self._urgent[source] += 1
             self._cond.notify_all()
-
-    def urgent(self, source: str) -> int:
-        """How many urgent items of ``source`` wait (the worker's commands other than a step,
-        which the coordinator may send ahead of time: only those interrupt a step)."""
-        return self._urgent.get(source, 0)
-
-    def drop_until_urgent(self, source: str) -> int:
-        """Drop the non-urgent items queued before the first urgent one of ``source``; how
-        many. A worker told to halt forgets the steps it was sent ahead of it."""
-        dropped = 0
-        with self._cond:
-            queue, urgency = self._items.get(source), self._urgency.get(source)
-            if not queue or urgency is None or not self._urgent[source]:
-                return 0
-            while not urgency(queue[0]):
-                queue.popleft()
-                dropped += 1
-        return dropped
 
     def fail(self, exc: InboxFailure, source: str | None = None) -> None:
         """Record a failure and wake every waiter. With ``source``, only that source failed:
@@ -101,11 +68,7 @@ class Inbox:
             while True:
                 queue = self._items.get(source)
                 if queue:
-                    item = queue.popleft()
-                    urgency = self._urgency.get(source)
-                    if urgency is not None and urgency(item):
-                        self._urgent[source] -= 1
-                    return item
+                    return queue.popleft()
                 failure = self._failure or self._source_failures.get(source)
                 if failure is not None:
                     # A fresh exception for each waiter (one object raised in several threads
@@ -121,8 +84,6 @@ class Inbox:
             for source in sources:
                 self._items.pop(source, None)
                 self._source_failures.pop(source, None)
-                if source in self._urgent:
-                    self._urgent[source] = 0
 
     def depth(self, source: str) -> int:
         with self._cond:

@@ -253,15 +253,6 @@ def encode(message: Message) -> np.ndarray:
     return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy()
 
 
-_STEP_PREFIX = b'{"type":"step",'
-
-
-def is_step(payload: np.ndarray) -> bool:
-    """Whether a CONTROL payload is a :class:`Step` (without decoding it: the worker's
-    receiver asks this of every command)."""
-    return payload.dtype == np.uint8 and payload[:len(_STEP_PREFIX)].tobytes() == _STEP_PREFIX
-
-
 def decode(array: np.ndarray) -> Message:
     """The message in a CONTROL payload; anything else is a :class:`ProtocolError`."""
     if array.dtype != np.uint8 or array.ndim != 1:

@@ -37,15 +37,11 @@ import sys
 import threading
 import time
 import traceback
-from pathlib import Path
 
 import numpy as np
 
 from pipetrain import hooks, tracing
-from pipetrain.nn.digest import array_digest, combine
 from pipetrain.pipeline.stage import UPSTREAM
-from pipetrain.run import checkpoint
-from pipetrain.run.storage import StorageError
 from pipetrain.runtime import messages
 from pipetrain.runtime.background import JobFailed
 from pipetrain.runtime.courier import Courier
@@ -93,12 +89,11 @@ class Worker:
         heartbeat thread beats only while this stays fresh, so a stuck main thread goes silent.
 
         Returns whether to stop waiting: on SIGTERM, or when a command arrives while the main
-        thread waits inside a step. During a step the coordinator sends nothing but the next
-        steps (ahead of time: they wait their turn) and, after a failure elsewhere, a ``Halt``
-        or ``Stop`` (a pipe worker is killed then, an MPI rank must leave its wait to find the
-        ``Stop``): only those are urgent."""
+        thread waits inside a step. Steps run in lock-step, so the coordinator sends nothing
+        during a step but a ``Stop`` after a failure elsewhere (a pipe worker is killed then,
+        an MPI rank must leave its wait to find the ``Stop``)."""
         self.last_alive = time.monotonic()
-        return self.terminate or self.inbox.urgent(CONTROL) > 0
+        return self.terminate or bool(self.inbox.depth(CONTROL))
 
     def _heartbeat(self, interval_s: float, timeout_s: float) -> None:
         while not self.stopping.wait(interval_s):
@@ -119,7 +114,6 @@ class Worker:
         return self.terminate
 
     def next_command(self) -> messages.Message:
-        self.inbox.drop_until_urgent(CONTROL)  # steps sent ahead of a halt are void
         frame = self.inbox.get(CONTROL, interrupted=self.idle)
         if frame.kind != Kind.CONTROL:
             raise ProtocolError(f"{self.name}: expected a control frame, got kind {frame.kind}")
@@ -193,10 +187,9 @@ class Worker:
             loader_depth=depth))
 
     def _leave_if_terminated(self) -> None:
-        """A SIGTERM that arrived before a step or an action ends the worker there, before
-        that work starts: otherwise whether the work got done would depend on whether its
-        input happened to be queued already (a queued frame is taken without looking at the
-        flag), and the same signal at the same point could end the step or not."""
+        """A SIGTERM before a step or an action ends the worker there, before that work
+        starts: else whether it got done would depend on whether its input was queued already
+        (a queued frame is taken without looking at the flag)."""
         if self.terminate:
             raise InterruptedError("SIGTERM")
 
@@ -220,25 +213,6 @@ class Worker:
                                     messages.encode(messages.ParamsFollow(names=stage.names)))
             for position, name in enumerate(stage.names):
                 self.control.send_frame(Kind.PARAMETER, 0, position, stage.params[name])
-
-    def write_checkpoint(self, command: messages.WriteCheckpoint) -> None:
-        """Replica 0 writes the segment; every replica reports a digest of its parameters so
-        the coordinator can check that the replicas have not drifted apart."""
-        stage, parts = self.parts.stage, self.parts
-        span_ns = tracing.current().start()
-        params_digest = combine(array_digest(stage.params[name]) for name in stage.names)
-        file = sha256 = None
-        if parts.place.replica == 0:
-            try:
-                file, sha256 = checkpoint.write_segment(Path(command.directory), stage.index,
-                                                        stage.params,
-                                                        stage.optimizer.state_dict())
-            except StorageError as exc:  # a full disk is the run's problem: say so, go on
-                self.reply(messages.Checkpointed(params_digest=params_digest, error=str(exc)))
-                return
-        hooks.current().checkpoint_phase(parts.place, command.step, "segment_written")
-        tracing.current().end("checkpoint", tracing.CHECKPOINT, span_ns, {"step": command.step})
-        self.reply(messages.Checkpointed(params_digest=params_digest, file=file, sha256=sha256))
 
     # -- recovery ----------------------------------------------------------------------------
 
@@ -277,7 +251,6 @@ class Worker:
     # -- the loop ----------------------------------------------------------------------------
 
     def serve(self) -> int:
-        self.inbox.classify(CONTROL, lambda frame: not messages.is_step(frame.array))
         self.control_receivers = Receivers(self.inbox, op_timeout_s=None)
         self.control_receivers.start(CONTROL, self.control, fatal=True)
         try:
@@ -316,7 +289,7 @@ class Worker:
                     case messages.SendParams():
                         self.send_params()
                     case messages.WriteCheckpoint() as command:
-                        self.write_checkpoint(command)
+                        self.reply(self.parts.write_checkpoint(command))
                     case messages.Stop():
                         self.stopped = True
                         return ExitCode.OK

@@ -26,10 +26,12 @@ from pipetrain import hooks, tracing
 from pipetrain.config import TrainConfig, build_config
 from pipetrain.data.loader import Loader, MicroBatch
 from pipetrain.data.workload import Workload, prepare
+from pipetrain.nn.digest import array_digest, combine
 from pipetrain.pipeline.schedule import Action
 from pipetrain.pipeline.schedule import build as build_schedule
 from pipetrain.pipeline.stage import Stage
 from pipetrain.run import checkpoint
+from pipetrain.run.storage import StorageError
 from pipetrain.runtime import messages
 from pipetrain.runtime.background import DigestReport, DigestThread, ReduceThread
 from pipetrain.runtime.courier import close_all
@@ -100,6 +102,24 @@ class Parts:
     def next_microbatch(self, step: int, microbatch: int) -> MicroBatch:
         self.alive()
         return self.loader.get(step, microbatch)
+
+    def write_checkpoint(self, command: messages.WriteCheckpoint) -> messages.Checkpointed:
+        """Replica 0 writes the segment; every replica reports a digest of its parameters so
+        the coordinator can check that the replicas have not drifted apart."""
+        stage = self.stage
+        span_ns = tracing.current().start()
+        params_digest = combine(array_digest(stage.params[name]) for name in stage.names)
+        file = sha256 = None
+        if self.place.replica == 0:
+            try:
+                file, sha256 = checkpoint.write_segment(Path(command.directory), stage.index,
+                                                        stage.params,
+                                                        stage.optimizer.state_dict())
+            except StorageError as exc:  # a full disk is the run's problem: say so, go on
+                return messages.Checkpointed(params_digest=params_digest, error=str(exc))
+        hooks.current().checkpoint_phase(self.place, command.step, "segment_written")
+        tracing.current().end("checkpoint", tracing.CHECKPOINT, span_ns, {"step": command.step})
+        return messages.Checkpointed(params_digest=params_digest, file=file, sha256=sha256)
 
     # -- pieces that recovery rebuilds -------------------------------------------------------
 

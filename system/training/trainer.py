@@ -48,10 +48,6 @@ from pipetrain.training.evaluate import held_out_params, load_workload
 from pipetrain.training.resume import dataset_digest, resume_point
 
 STATE_UPDATE_INTERVAL_S = 0.5
-# Steps in flight at most: with two, the next step's command already waits in every worker
-# when it finishes a step, so the round trip through the coordinator (a StepDone there, the next
-# Step back) is off the critical path. More would only delay a signal's boundary further.
-STEPS_IN_FLIGHT = 2
 # Builds the launcher of a run from its config: pipes by default, MPI ranks under mpirun.
 LauncherFactory = Callable[[TrainConfig], Launcher]
 
@@ -236,28 +232,31 @@ class TrainingRun:
     def train(self, start_step: int) -> RunState:
         config, workload, run = self.config, self.workload, self.run
         steps_per_epoch, total = workload.steps_per_epoch, workload.total_steps
-        step = started = start_step  # the last step done here, the last one sent to the workers
+        step = start_step
+        started = None  # a step already sent to the workers, ahead of its boundary
         trace = tracing.current()
         while True:
             # A boundary is acted on only when no step is in flight: a checkpoint or a pause
             # must see the parameters of the step it is labelled with.
-            if started == step:
+            if started is None:
                 if self.at_boundary(step):
                     return RunState.STOPPED
                 if step == total:
                     return RunState.DONE
-                self.start_step(step + 1)
-                started = step + 1
             step += 1
             self.step = step
             epoch = (step - 1) // steps_per_epoch
-            started = self.run_ahead(step - 1, started)
+            if started != step:
+                self.start_step(step)
             span_ns = trace.start()
             loss, replies = self.coordinator.finish_step(step)
             trace.end(f"wait step {step}", tracing.WAIT, span_ns, {"step": step})
-            # Start the next steps before this one's digests are in: the workers hash the
-            # gradients on helper threads while the next step already runs.
-            started = self.run_ahead(step, started)
+            started = None
+            if self.may_run_ahead(step):
+                # Start the next step before this one's digests are in: the workers hash the
+                # gradients on helper threads while the next step already runs.
+                started = step + 1
+                self.start_step(started)
             span_ns = trace.start()
             digest = self.coordinator.step_digest(step)
             trace.end("wait digests", tracing.WAIT, span_ns, {"step": step})
@@ -284,14 +283,6 @@ class TrainingRun:
     def start_step(self, step: int) -> None:
         with tracing.current().span("send step", tracing.CONTROL, {"step": step}):
             self.coordinator.start_step(step)
-    def run_ahead(self, done: int, started: int) -> int:
-        """With step ``done`` finished here and steps up to ``started`` sent, send more while
-        fewer than STEPS_IN_FLIGHT are in flight and every boundary jumped over is quiet
-        (:meth:`may_run_ahead`); the last step sent."""
-        while started - done < STEPS_IN_FLIGHT and self.may_run_ahead(started):
-            started += 1
-            self.start_step(started)
-        return started
 
     def may_run_ahead(self, step: int) -> bool:
         """Whether step ``step + 1`` may start before step ``step``'s boundary is handled: only
