@@ -171,7 +171,6 @@ class Worker:
         stage.apply_update()
         trace.end("update", tracing.COMPUTE, span_ns, {"step": step})
         hooks_now.after_update(place, step, stage)
-        parts.snapshot(step)
         elapsed = time.perf_counter() - started
         trace.end(f"step {step}", tracing.STEP, step_ns, {"step": step})
         data_wait, depth = None, None
@@ -185,6 +184,7 @@ class Worker:
             compute_s=elapsed - waited - reduce_s - (data_wait or 0.0),
             wait_neighbours_s=waited, allreduce_s=reduce_s, wait_data_s=data_wait,
             loader_depth=depth))
+        parts.snapshot(step)  # after the reply: the copy must not delay the next step's start
 
     def _leave_if_terminated(self) -> None:
         """A SIGTERM before a step or an action ends the worker there, before that work

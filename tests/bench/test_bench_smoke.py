@@ -56,7 +56,7 @@ def test_quick_run_writes_results(tmp_path):
     # The pipeline runs were traced: each has its ideal pipeline bound, and it is a bound.
     for name in ("s2-1f1b-m4", "s3-zb-m4"):
         bound = configs[name]["bound"]
-        assert 0 < bound["ideal_step_s"] and 0 < bound["fraction_of_bound"] <= 1.0, bound
+        assert bound["ideal_step_s"] > 0 and 0 < bound["fraction_of_bound"] <= 1.0, bound
         assert 0 <= bound["ideal_bubble"] < 1 and bound["per_stage_compute_s"][0] > 0
     tiny = results["tiny"]
     for name in ("tiny-ref", "tiny-s1", "tiny-s4"):
