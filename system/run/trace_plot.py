@@ -35,6 +35,15 @@ def draw_timeline(events: Sequence[dict[str, Any]], summary: dict[str, Any], out
                   *, steps: tuple[int, int] | None = None, title: str = "") -> Path:
     """Write the PNG of ``steps`` (first, last; default: three steps from the middle of the
     timed ones) to ``out``."""
+    figure = timeline_figure(events, summary, steps=steps, title=title)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=120)
+    return out
+
+
+def timeline_figure(events: Sequence[dict[str, Any]], summary: dict[str, Any], *,
+                    steps: tuple[int, int] | None = None, title: str = "") -> Any:
+    """The timeline as a matplotlib Figure (the harness report embeds it)."""
     try:
         from matplotlib.figure import Figure
         from matplotlib.patches import Patch
@@ -113,6 +122,4 @@ def draw_timeline(events: Sequence[dict[str, Any]], summary: dict[str, Any], out
     figure.legend(handles=legend, loc="upper right", ncol=len(legend), fontsize=7,
                   frameon=False)
     figure.tight_layout(rect=(0, 0, 1, 0.95))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=120)
-    return out
+    return figure
