@@ -53,6 +53,7 @@ HEADINGS = {"transport": "transport", "training": "training",
 
 
 GATE = QuietGate(0.0, 0.0)
+TIMELINE_CONFIG = "s3-zb-m4"  # the run whose pipeline timeline goes into the plots
 
 
 def ratio_entry(numerator: dict, denominator: dict) -> dict | None:
@@ -101,6 +102,8 @@ def measure(args: argparse.Namespace, workload: Workload, dataset: Path, workdir
                 result = training.run_pipetrain(config, workload, dataset, run_dir)
             result["others_busy_before"] = busy
             runs[config.name].append(result)
+            if config.name == TIMELINE_CONFIG and repeat == 0 and "bound" in result:
+                result["timeline_png"] = draw_timeline(run_dir, Path(args.out) / "plots")
             shown = (f"{result['samples_per_s']:8.0f} samples/s "
                      f"{result.get('median_step_s', 0) * 1e3:8.2f} ms/step"
                      if "samples_per_s" in result else f"FAILED: {result.get('error')}")
@@ -117,6 +120,20 @@ def measure(args: argparse.Namespace, workload: Workload, dataset: Path, workdir
                          "batch": workload.batch, "epochs": workload.epochs,
                          "skip_steps": workload.skip, "dtype": "float32", "optimizer": "sgd",
                          "torch_steps": workload.torch_steps}}
+
+
+def draw_timeline(run_dir: Path, directory: Path) -> str | None:
+    """The pipeline timeline of a traced run (``pipetrain trace``'s picture) into the plots."""
+    from pipetrain.run.trace_plot import draw_timeline as draw
+    from pipetrain.run.trace_report import trace_summary
+
+    try:
+        events, summary = trace_summary(run_dir)
+        path = draw(events, summary, directory / f"timeline-{TIMELINE_CONFIG}.png")
+    except Exception as exc:  # noqa: BLE001 - a picture must not lose the measurements
+        log(f"  no timeline: {type(exc).__name__}: {exc}")
+        return None
+    return f"{directory.name}/{path.name}"
 
 
 def ratios_of(summary: dict, pairs: dict[str, tuple[str, str]], *, step_time: bool = False
