@@ -97,7 +97,10 @@ def prepare(command: str, config: ConfigLike = None, options: dict[str, Any] | N
     values.update(options)
     # The data first: "64 features but the first layer expects 10" is the mistake to report,
     # not the stage count that the wrong layers then cannot hold.
-    checked = build_config({**values, "stages": 1}, source=source)
+    one_stage = {"stages": 1}
+    if values.get("schedule") == "interleaved":  # a ring of one stage: checked with --stages
+        one_stage.update(schedule="1f1b", virtual_stages=0)
+    checked = build_config({**values, **one_stage}, source=source)
     workload = load_workload(checked)
     if command == "reference":
         if "stages" in values:  # validated like train: a stage count given must fit too
