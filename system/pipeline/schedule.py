@@ -218,14 +218,17 @@ def num_pieces(schedule: Sequence[Sequence[Action]]) -> int:
 
 
 def simulate(schedule: Sequence[Sequence[Action]],
-             cost: Mapping[Op, float] = DEFAULT_COST, piece_cost: float = 1.0) -> dict:
+             cost: Mapping[Op, float] = DEFAULT_COST,
+             piece_cost: float | Sequence[float] = 1.0) -> dict:
     """Event-driven timing: an action starts at max(stage free, dependencies' finish).
 
-    ``piece_cost`` scales every action of a piece (1/V when V pieces make up one stage's share
-    of the model). Returns ``{"makespan", "busy": [per stage], "idle": [makespan - busy per
-    stage], "start": {Action: t}, "finish": {Action: t}}``. Raises ScheduleError on deadlock.
+    ``piece_cost`` scales the actions of a piece: one factor for all (1/V when V pieces make
+    up one stage's share of the model), or one per piece (measured, unbalanced). Returns
+    ``{"makespan", "busy": [per stage], "idle": [makespan - busy per stage], "start":
+    {Action: t}, "finish": {Action: t}}``. Raises ScheduleError on deadlock.
     """
     n, pieces = len(schedule), num_pieces(schedule)
+    scale = [piece_cost] * pieces if isinstance(piece_cost, int | float) else list(piece_cost)
     pos, free = [0] * n, [0.0] * n
     start: dict[Action, float] = {}
     finish: dict[Action, float] = {}
@@ -241,7 +244,7 @@ def simulate(schedule: Sequence[Sequence[Action]],
                 if None in ts:
                     break
                 start[a] = max([free[s], *ts])
-                free[s] = finish[a] = done[_key(a)] = start[a] + cost[a.op] * piece_cost
+                free[s] = finish[a] = done[_key(a)] = start[a] + cost[a.op] * scale[a.segment]
                 pos[s] += 1
                 progress = True
     stuck = [(s, schedule[s][pos[s]]) for s in range(n) if pos[s] < len(schedule[s])]
@@ -253,7 +256,7 @@ def simulate(schedule: Sequence[Sequence[Action]],
             for s, a in stuck)
         raise ScheduleError(f"deadlock: no stage can advance; {why}")
     makespan = max(finish.values(), default=0)
-    busy = [sum(cost[a.op] * piece_cost for a in x) for x in schedule]
+    busy = [sum(cost[a.op] * scale[a.segment] for a in x) for x in schedule]
     return {"makespan": makespan, "busy": busy, "idle": [makespan - b for b in busy],
             "start": start, "finish": finish}
 
