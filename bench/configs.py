@@ -83,7 +83,7 @@ def main_configs(schedules: tuple[str, ...]) -> list[RunConfig]:
         configs += [RunConfig("s2-1f1b-m8", stages=2, schedule="1f1b", microbatches=8,
                               trace=True),
                     RunConfig("s2-interleaved-m8", stages=2, schedule=INTERLEAVED,
-                              microbatches=8, trace=True)]
+                              microbatches=8, trace=True, extra=("--virtual-stages", "2"))]
     return configs
 
 

@@ -85,13 +85,12 @@ def _draw(rng: random.Random, index: int, seed: int, plant: str | None) -> dict[
 
 
 def _shape(train: dict[str, Any]) -> dict[str, Any]:
-    from pipetrain.pipeline.schedule import build as build_schedule
     from pipetrain.runtime.coordinator import stage_bounds
     from pipetrain.training.evaluate import load_workload
 
     config = build_config(train, source="fuzz")
     return {"total": load_workload(config).total_steps, "bounds": stage_bounds(config),
-            "schedule": build_schedule(config.schedule, config.stages, config.microbatches)}
+            "schedule": config.build_schedule()}
 
 
 def _draw_fault(rng: random.Random, train: dict[str, Any], shape: dict[str, Any],
@@ -162,7 +161,7 @@ def _finer_point(rng: random.Random, shape: dict[str, Any], stage: int,
     if roll < 0.3:
         action = rng.choice(shape["schedule"][stage])
         return {"at_action": str(action)[len(str(stage)):]}
-    first, stop = shape["bounds"][stage]
+    first, stop = shape["bounds"][stage][:2]  # the stage's (first) piece
     if roll < 0.45 and replicas > 1:
         return {"at_reduce": rng.randrange(first, stop)}
     if roll > 0.93:  # lands only if something makes the run restart or resume first

@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 
 from pipetrain import hooks
-from pipetrain.pipeline.schedule import Op
 from pipetrain.runtime.launcher import WORKER_MODULE
 from pipetrain.wire.pipe import PipeChannel
 from pipetrain_harness.linkshim import FaultyChannel, faults_for
@@ -144,7 +143,7 @@ class HarnessHooks(hooks.Hooks):
     def before_action(self, place: hooks.Place, step: int, action: Any) -> None:
         if "before_action" in self._parks:
             self._park("before_action", place, step, point=str(action),
-                       action=f"{Op(action.op).value}{action.microbatch}")
+                       action=str(action)[len(str(action.stage)):])
 
     def before_reduce(self, place: hooks.Place, step: int, names: list[str]) -> None:
         if "before_reduce" in self._parks:

@@ -57,13 +57,12 @@ def count_events(path: Path) -> int:
 def run_shape(config: Any) -> RunShape:
     """The shape of a run of ``config`` (a ``TrainConfig``). With ``balance = "time"`` the
     stages' layers are measured at start-up, so they are not known here."""
-    from pipetrain.pipeline.schedule import build as build_schedule
     from pipetrain.runtime.coordinator import stage_bounds
 
     layers = None if config.balance == "time" else stage_bounds(config)
     return RunShape(stages=config.stages, replicas=config.replicas,
                     microbatches=config.microbatches,
-                    schedule=build_schedule(config.schedule, config.stages, config.microbatches),
+                    schedule=config.build_schedule(),
                     layers=layers)
 
 

@@ -10,7 +10,8 @@ key                   the point
                       coordinator: the boundary after step N-1, before the signals pending there
                       are read (``at_boundary``), so the boundary that acts on them replays
 ``at_action = "B2"``  with ``at_step``, on a stage: before that schedule action of step N, in the
-                      schedule's own notation (``"1B2"`` with the stage is accepted too)
+                      schedule's own notation (``"1B2"`` with the stage is accepted too;
+                      interleaved actions name their piece: ``"F1@2"``)
 ``at_reduce = L``     with ``at_step``, on a replicated stage: before the all-reduce of layer L
 ``during_step``       with ``at_step``, on the coordinator: step N has been sent to every worker
                       and the coordinator is about to wait for their results (``step_started``)
@@ -46,7 +47,7 @@ STAGE_PHASES = ("segment_written",)
 POINT_KEYS = ("at_step", "at_action", "at_reduce", "during_step", "at_resume",
               "after_checkpoint", "phase", "at_microbatch", "when", "generation")
 TARGET_PATTERN = re.compile(r"coordinator|random_worker|stage:(\d+)(?::replica:(\d+))?")
-ACTION_PATTERN = re.compile(r"(\d*)([FBIW])(\d+)")
+ACTION_PATTERN = re.compile(r"(\d*)([FBIW])(\d+)(@\d+)?")  # "@K": interleaved, piece K
 
 
 class PointError(ValueError):
@@ -209,7 +210,7 @@ def step_point(table: dict[str, Any], where: str, *, coordinator: bool,
         if match is None:
             raise PointError(f"{where}: at_action = {action!r} is not a schedule action "
                              f"(such as 'F0', 'B2', 'I1', 'W3' or '1B2')")
-        action = match[2] + match[3]
+        action = match[2] + match[3] + (match[4] or "")
         if match[1] and "target" in table and table["target"].startswith("stage:"):
             stage = int(table["target"].split(":")[1])
             if int(match[1]) != stage:

@@ -89,6 +89,8 @@ RUN_OPTIONS: list[tuple[str, Any, str]] = [
     ("--replicas", int, "data-parallel copies of the pipeline"),
     ("--microbatches", int, "micro-batches per replica per step"),
     ("--schedule", SCHEDULES, "pipeline schedule"),
+    ("--virtual-stages", int, "interleaved: model pieces per stage, stage s holding pieces s, "
+     "s+S, ... (Megatron's virtual pipeline stages)"),
     ("--epochs", int, "epochs to train (may grow on --resume)"),
     ("--batch-size", int, "global batch; an epoch's last incomplete batch is dropped"),
     ("--lr", float, "learning rate"),
@@ -115,6 +117,8 @@ def _add_run_options(parser: argparse.ArgumentParser, command: str) -> None:
                         "(default: the built-in digits example)")
     for option, kind, text in RUN_OPTIONS:
         default = getattr(D, option[2:].replace("-", "_"))
+        if option == "--virtual-stages":
+            default = "2 with --schedule interleaved"
         if isinstance(default, tuple):
             default = ",".join(map(str, default))
         extra = {"choices": kind} if isinstance(kind, tuple) else {"type": kind}

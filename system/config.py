@@ -16,6 +16,7 @@ import difflib
 import hashlib
 import json
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,9 @@ from pipetrain.data.datasets import NORMALIZATIONS, DataError
 from pipetrain.data.workload import DataSpec, Workload, input_spec
 from pipetrain.nn.model import LAYER_KEYS, LayerSpec, ModelError, resolve, shorthand
 from pipetrain.nn.optim import OPTIMIZERS
+from pipetrain.pipeline.schedule import DEFAULT_VIRTUAL_STAGES, Action
 from pipetrain.pipeline.schedule import SCHEDULES as SCHEDULE_BUILDERS
+from pipetrain.pipeline.schedule import build as build_schedule
 from pipetrain.pipeline.stage import ModelSpec
 from pipetrain.status import UserError
 
@@ -47,6 +50,7 @@ class TrainConfig:
     replicas: int = 1
     microbatches: int = 4
     schedule: str = "1f1b"
+    virtual_stages: int = 0  # pieces per stage, interleaved only (0: its default, 2)
     epochs: int = 20
     batch_size: int = 64
     lr: float = 0.05
@@ -99,6 +103,21 @@ class TrainConfig:
         return len(self.specs)
 
     @property
+    def pieces_per_stage(self) -> int:
+        """V: the model is cut into ``stages * V`` pieces (1 unless interleaved)."""
+        return self.virtual_stages or DEFAULT_VIRTUAL_STAGES.get(self.schedule, 1)
+
+    @property
+    def ring(self) -> bool:
+        """Whether the last stage links round to the first (its later pieces feed stage 0)."""
+        return self.pieces_per_stage > 1
+
+    def build_schedule(self) -> list[list[Action]]:
+        """The schedule's actions, one list per stage."""
+        return build_schedule(self.schedule, self.stages, self.microbatches,
+                              self.pieces_per_stage if self.ring else None)
+
+    @property
     def op_timeout_s(self) -> float:
         """How long one send or receive of a frame may take before the link counts as stalled."""
         return max(60.0, 10 * self.heartbeat_timeout)
@@ -128,7 +147,8 @@ class TrainConfig:
 
 
 # Keys whose change changes the parameters a run produces; a checkpoint is only resumed under
-# the same values. Stage count and schedule are absent on purpose: they never change the bits.
+# the same values. Stage count and schedule (and the pieces per stage) are absent on purpose:
+# they never change the bits.
 MATH_KEYS = (
     "dataset", "layers", "model", "replicas", "microbatches", "epochs", "batch_size", "lr",
     "optimizer", "dtype", "seed", "holdout", "normalize", "augment",
@@ -307,6 +327,32 @@ def validate(config: TrainConfig, source: str = "config") -> None:
             fail(key, f"{getattr(config, key)!r} is not one of {', '.join(allowed)}")
     if not config.dataset:
         fail("dataset", "must be 'digits' or a path")
+    _validate_pieces(config, fail)
+
+
+def _validate_pieces(config: TrainConfig, fail: Callable[[str, str], None]) -> None:
+    """The combinations interleaved 1F1B cannot run, refused before anything starts."""
+    if config.virtual_stages < 0:
+        fail("virtual_stages", f"must be >= 2, got {config.virtual_stages}")
+    if config.schedule not in DEFAULT_VIRTUAL_STAGES:
+        if config.virtual_stages:
+            fail("virtual_stages", f"only with --schedule interleaved (schedule "
+                 f"{config.schedule!r} runs one piece per stage)")
+        return
+    pieces = config.pieces_per_stage
+    if pieces < 2:
+        fail("virtual_stages", f"must be >= 2 for interleaved, got {pieces} (one piece per "
+             "stage is --schedule 1f1b)")
+    if config.stages < 2:
+        fail("stages", "interleaved needs at least 2 stages (it passes pieces round a ring of "
+             "stages; use --schedule 1f1b for 1)")
+    if config.stages * pieces > config.num_layers:
+        fail("virtual_stages", f"{config.stages} stages x {pieces} pieces need "
+             f"{config.stages * pieces} layers, the model has {config.num_layers} (lower "
+             "--virtual-stages or --stages, or add layers)")
+    if config.microbatches % config.stages:
+        fail("microbatches", f"interleaved needs a multiple of the stages ({config.stages}), "
+             f"got {config.microbatches}")
 
 
 def check_data(config: TrainConfig, workload: Workload) -> None:

@@ -118,8 +118,9 @@ class Hooks:
         """Step ``step`` was commanded; none of its work has started."""
 
     def before_action(self, place: Place, step: int, action: Any) -> None:
-        """Before ``action`` (a :class:`pipetrain.pipeline.schedule.Action`, printed ``1B2``)
-        of step ``step``, its input not yet received."""
+        """Before ``action`` (a :class:`pipetrain.pipeline.schedule.Action`, printed ``1B2``,
+        or ``1B2@3`` naming its piece when interleaved) of step ``step``, its input not yet
+        received."""
 
     def before_reduce(self, place: Place, step: int, names: list[str]) -> None:
         """On the all-reduce thread: the gradients of ``names`` (one layer) are about to be

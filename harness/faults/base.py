@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pipetrain.pipeline.schedule import Op
+from pipetrain.pipeline.partition import describe_layers
 from pipetrain_harness.plan import Plan
 from pipetrain_harness.points import (
     LAUNCH,
@@ -156,15 +156,17 @@ class Fault:
                              f"stage(s) and {run.replicas} replica(s)")
         point = self.point
         if point.action is not None:
-            names = [f"{Op(a.op).value}{a.microbatch}" for a in run.schedule[place.stage]]
+            names = [str(a)[len(str(a.stage)):] for a in run.schedule[place.stage]]
             if point.action not in names:
                 raise FaultError(f"{self.where}: at_action = {point.action!r} is not an action "
                                  f"of stage {place.stage} (it runs {' '.join(names)})")
         if point.layer is not None and run.layers is not None:
-            first, stop = run.layers[place.stage]
-            if run.replicas < 2 or not first <= point.layer < stop:
+            layers = run.layers[place.stage]  # (first, stop) pairs, one per piece
+            held = [layer for first, stop in zip(layers[::2], layers[1::2], strict=True)
+                    for layer in range(first, stop)]
+            if run.replicas < 2 or point.layer not in held:
                 raise FaultError(f"{self.where}: at_reduce = {point.layer}: stage {place.stage} "
-                                 f"all-reduces layers {first}..{stop - 1}, and only with "
+                                 f"all-reduces layers {describe_layers(layers)}, and only with "
                                  f"replicas >= 2 (the run has {run.replicas})")
 
     # -- the interface -------------------------------------------------------------------------

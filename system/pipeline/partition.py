@@ -1,6 +1,11 @@
-"""Cutting the model into contiguous, balanced segments (one per pipeline stage).
+"""Cutting the model into contiguous, balanced segments (one per pipeline stage, or V per
+stage for interleaved 1F1B).
 
 Cuts fall between layers, never inside one: a transformer block is one layer of the model.
+With V pieces per stage the model is cut into ``S * V`` contiguous pieces and stage ``s`` holds
+pieces ``s, s + S, s + 2S, ...``: a stage's layers are then given as ``(first, stop)`` pairs, one
+per piece in ascending order, flattened into one tuple (``(0, 1, 2, 3)``: layers 0 and 2), so
+that a stage of one piece keeps its plain ``(first, stop)``.
 """
 
 from __future__ import annotations
@@ -61,14 +66,51 @@ def measured_layer_costs(model: ModelSpec, microbatch: int, repeats: int = 5) ->
     return costs
 
 
-def stage_bounds(model: ModelSpec, stages: int, balance: str) -> list[tuple[int, int]]:
-    """The layers ``[first, stop)`` of every stage, balanced by parameters or measured time."""
+def stage_bounds(model: ModelSpec, stages: int, balance: str,
+                 virtual_stages: int = 1) -> list[tuple[int, ...]]:
+    """The layers of every stage, balanced by parameters or measured time: ``(first, stop)``,
+    or with ``virtual_stages`` V > 1 the flattened pairs of its V pieces (see the module)."""
     if balance == "time":
         microbatch = max(1, model.batch_size // (model.replicas * model.microbatches))
-        return partition(measured_layer_costs(model, microbatch), stages)
-    if balance != "params":
+        costs: list[float] = measured_layer_costs(model, microbatch)
+    elif balance == "params":
+        costs = list(parameter_costs(model))
+    else:
         raise ValueError(f"unknown balance {balance!r} (params or time)")
-    return partition(parameter_costs(model), stages)
+    pieces = partition(costs, stages * virtual_stages)
+    return [tuple(bound for piece in pieces[stage::stages] for bound in piece)
+            for stage in range(stages)]
+
+
+def stage_pieces(layers: tuple[int, ...] | list[int], stage: int,
+                 stages: int) -> dict[int, tuple[int, int]]:
+    """``{piece: (first, stop)}`` of a stage's flattened layer pairs (see the module)."""
+    if not layers or len(layers) % 2:
+        raise ValueError(f"stage {stage}: layers must be (first, stop) pairs, got {layers!r}")
+    return {stage + position * stages: (layers[2 * position], layers[2 * position + 1])
+            for position in range(len(layers) // 2)}
+
+
+def describe_layers(layers: tuple[int, ...] | list[int]) -> str:
+    """``0-1`` for one piece, ``0-0, 2-2`` for several."""
+    return ", ".join(f"{layers[i]}-{layers[i + 1] - 1}" for i in range(0, len(layers), 2))
+
+
+def stage_names(model: ModelSpec, layers: tuple[int, ...] | list[int]) -> list[str]:
+    """A stage's parameter names in its own order (its pieces ascending)."""
+    return [name for first, stop in zip(layers[::2], layers[1::2], strict=True)
+            for name in model.parameter_names(first, stop)]
+
+
+def canonical_positions(model: ModelSpec,
+                        bounds: list[tuple[int, ...]]) -> list[tuple[int, int]]:
+    """``(stage, position)`` of every parameter in canonical order (layer index ascending, a
+    layer's own order inside it), ``position`` counting in the stage's own order: stage by
+    stage with one piece per stage, in turns across the stages with several."""
+    keyed = [(int(name.split(".")[1]), position, stage)
+             for stage, layers in enumerate(bounds)
+             for position, name in enumerate(stage_names(model, layers))]
+    return [(stage, position) for _, position, stage in sorted(keyed)]
 
 
 def partition(costs: list[float], num_stages: int) -> list[tuple[int, int]]:

@@ -12,6 +12,12 @@ Where a stage's inputs come from:
   of the previous stage;
 * ``B``/``I`` on the last stage uses the logit gradient it computed in its own ``F``; on the
   others, the gradient frame of the next stage.
+
+With interleaved 1F1B a stage holds several non-contiguous *pieces* (``pipetrain.pipeline.
+partition``), each its own segment; an action names the piece it runs, and "first" and "last"
+above are the model's first and last piece. Piece ``k + 1`` is always on the next stage (the
+last stage's wrap round to stage 0), so a piece's frames still go ``DOWNSTREAM`` and
+``UPSTREAM``: the worker maps them to its links.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from pipetrain.nn import (
     InputSpec,
     LayerSpec,
     ResolvedLayer,
+    Segment,
     build_segment,
     init_parameters,
     make_optimizer,
@@ -91,72 +98,105 @@ class Outgoing:
 
 
 class Stage:
-    """Layers ``[first_layer, stop_layer)`` of the model, as stage ``index`` of ``num_stages``.
+    """Layers ``[first_layer, stop_layer)`` of the model, as stage ``index`` of ``num_stages``;
+    or, with ``pieces`` (``{piece: (first, stop)}``) of a model cut into ``num_pieces``, those.
 
     ``on_grads_final(step, grads)`` is called with each layer's gradient arrays as soon as they
-    are final for the step (the last micro-batch's weight pass has gone through the layer), last
-    layer first; a replicated stage starts reducing them there.
+    are final for the step (the last micro-batch's weight pass has gone through the layer's
+    piece), last layer of a piece first; a replicated stage starts reducing them there.
     """
 
     def __init__(
-        self, *, model: ModelSpec, index: int, num_stages: int, first_layer: int,
-        stop_layer: int, source: Callable[[int, int], MicroBatch] | None,
+        self, *, model: ModelSpec, index: int, num_stages: int, first_layer: int = 0,
+        stop_layer: int = 0, source: Callable[[int, int], MicroBatch] | None,
         on_grads_final: GradsFinal | None = None, replica: int = 0,
+        pieces: dict[int, tuple[int, int]] | None = None, num_pieces: int | None = None,
     ) -> None:
         self.model = model
         self.index = index
         self.replica = replica
-        self.is_first = index == 0
-        self.is_last = index == num_stages - 1
+        self.pieces = dict(sorted((pieces or {index: (first_layer, stop_layer)}).items()))
+        self.num_pieces = num_stages if num_pieces is None else num_pieces
+        self.is_first = 0 in self.pieces
+        self.is_last = self.num_pieces - 1 in self.pieces
         if (self.is_first or self.is_last) and source is None:
             raise ValueError("the first and last stages need a source of micro-batches")
         # source(step, micro-batch) -> MicroBatch: the loader's get() in a worker process.
         self.source = source
-        self.params = init_parameters(model.resolved, model.seed, np.dtype(model.dtype),
-                                      first_layer, stop_layer)
-        self.segment = build_segment(model.resolved, self.params, first_layer, stop_layer)
+        dtype = np.dtype(model.dtype)
+        self.params: dict[str, np.ndarray] = {}
+        for first, stop in self.pieces.values():  # ascending pieces: canonical name order
+            self.params.update(init_parameters(model.resolved, model.seed, dtype, first, stop))
+        self.segments = {piece: build_segment(model.resolved, self.params, first, stop)
+                         for piece, (first, stop) in self.pieces.items()}
         self.optimizer = make_optimizer(model.optimizer, self.params, model.lr)
         self.names = list(self.params)
         self._step = 0
         self._logit_grads: dict[int, np.ndarray] = {}
         self.step_loss = 0.0
-        self._weight_passes = 0
+        self._weight_passes = dict.fromkeys(self.pieces, 0)
         self.on_grads_final = on_grads_final
+
+    @property
+    def segment(self) -> Segment:
+        """The segment of a stage of one piece."""
+        if len(self.segments) != 1:
+            raise AttributeError(f"stage {self.index} holds {len(self.segments)} pieces")
+        return next(iter(self.segments.values()))
+
+    def grads(self) -> dict[str, np.ndarray]:
+        """The step's gradient of every parameter, in ``names`` order."""
+        grads: dict[str, np.ndarray] = {}
+        for segment in self.segments.values():
+            grads.update(segment.grads())
+        return grads
 
     # -- one step ----------------------------------------------------------------------------
 
     def begin_step(self, step: int) -> None:
         """Prepare step ``step`` (from 1): a zeroed set of gradient arrays (the previous step's
         set is left intact for the digest thread), this replica's micro-batches."""
-        self.segment.swap_grad_buffers()
-        self.segment.zero_grads()
+        for segment in self.segments.values():
+            segment.swap_grad_buffers()
+            segment.zero_grads()
         self.step_loss = 0.0
         self._logit_grads.clear()
-        self._weight_passes = 0
+        self._weight_passes = dict.fromkeys(self.pieces, 0)
         self._step = step
 
     def discard_step(self) -> None:
         """Forget a step abandoned half-way (in-place recovery): its micro-batches in flight."""
-        self.segment.saved.clear()
+        for segment in self.segments.values():
+            segment.saved.clear()
         self._logit_grads.clear()
+
+    def _piece(self, action: Action) -> tuple[int, Segment]:
+        piece = action.segment
+        if piece not in self.segments:
+            raise ValueError(f"stage {self.index} holds pieces {list(self.segments)}, not "
+                             f"{piece} ({action})")
+        return piece, self.segments[piece]
 
     def needs_input(self, action: Action) -> str | None:
         """Which neighbour's frame ``action`` consumes, or None if it needs none."""
+        piece, _ = self._piece(action)
         if action.op is Op.FORWARD:
-            return None if self.is_first else UPSTREAM
+            return None if piece == 0 else UPSTREAM
         if action.op in (Op.BACKWARD, Op.BACKWARD_INPUT):
-            return None if self.is_last else DOWNSTREAM
+            return None if piece == self.num_pieces - 1 else DOWNSTREAM
         return None
 
     def execute(self, action: Action, received: np.ndarray | None) -> Outgoing | None:
         mb = action.microbatch
+        piece, segment = self._piece(action)
+        is_first, is_last = piece == 0, piece == self.num_pieces - 1
         if action.op is Op.FORWARD:
-            item = self.source(self._step, mb) if self.is_first or self.is_last else None
-            if self.is_first:
+            item = self.source(self._step, mb) if is_first or is_last else None
+            if is_first:
                 received = item.x
             context = self.model.context(self._step, self.replica, mb)
-            output = self.segment.forward(mb, received, context=context)
-            if not self.is_last:
+            output = segment.forward(mb, received, context=context)
+            if not is_last:
                 return Outgoing(DOWNSTREAM, Kind.ACTIVATION, mb, output)
             # Every step's global batch is full (the last partial batch of an epoch is dropped).
             loss, grad = softmax_cross_entropy(output, item.y, self.model.batch_size)
@@ -164,22 +204,22 @@ class Stage:
             self._logit_grads[mb] = grad
             return None
         if action.op is Op.BACKWARD_WEIGHT:
-            self.segment.backward_weight(mb, on_layer_done=self._final_hook())
+            segment.backward_weight(mb, on_layer_done=self._final_hook(piece))
             return None
-        grad_output = self._logit_grads.pop(mb) if self.is_last else received
+        grad_output = self._logit_grads.pop(mb) if is_last else received
         if action.op is Op.BACKWARD:
-            grad_input = self.segment.backward(mb, grad_output, on_layer_done=self._final_hook())
+            grad_input = segment.backward(mb, grad_output, on_layer_done=self._final_hook(piece))
         else:
-            grad_input = self.segment.backward_input(mb, grad_output)
-        if self.is_first:
+            grad_input = segment.backward_input(mb, grad_output)
+        if is_first:
             return None
         return Outgoing(UPSTREAM, Kind.GRADIENT, mb, grad_input)
 
-    def _final_hook(self) -> Callable[[object], None] | None:
-        """For the step's last weight pass (every schedule runs one per micro-batch, in
-        ascending order), the hook that reports each layer as final."""
-        self._weight_passes += 1
-        if self.on_grads_final is None or self._weight_passes != self.model.microbatches:
+    def _final_hook(self, piece: int) -> Callable[[object], None] | None:
+        """For a piece's last weight pass of the step (every schedule runs one per micro-batch
+        and piece, in ascending order), the hook that reports each of its layers as final."""
+        self._weight_passes[piece] += 1
+        if self.on_grads_final is None or self._weight_passes[piece] != self.model.microbatches:
             return None
         step, report = self._step, self.on_grads_final
         return lambda layer: report(step, layer.grads())
@@ -195,4 +235,4 @@ class Stage:
 
     def apply_update(self) -> None:
         """The optimizer step, with the step's (all-reduced, when replicated) gradients."""
-        self.optimizer.step(self.segment.grads())
+        self.optimizer.step(self.grads())

@@ -75,28 +75,38 @@ def _within(spans: list[dict[str, Any]], start: float, end: float) -> list[dict[
     return [e for e in spans if e["ts"] >= start and e["ts"] + e["dur"] <= end + 1e-3]
 
 
+def _kind(args: dict[str, Any] | None) -> str:
+    """An action's kind for the ideal's costs: its op, and its piece when it has one (an
+    interleaved stage's pieces differ in size); ``update`` for the optimizer step."""
+    if not args or "op" not in args:
+        return UPDATE
+    return str(args["op"]) if args.get("piece") is None else f"{args['op']}@{args['piece']}"
+
+
 def simulate(stage_actions: Sequence[Sequence[Action]], cost: Callable[[Action], float],
              update: Sequence[float] | None = None) -> dict[str, Any]:
     """Replay the schedule: an action starts once its stage is free and its dependencies
     (the schedule module's rule) are done; it lasts ``cost(action)``. Each stage then runs its
     update (``update[s]``). Returns the makespan, each stage's busy time, each action's start
     and finish."""
-    n = len(stage_actions)
+    n, pieces = len(stage_actions), schedules.num_pieces(stage_actions)
     pos, free = [0] * n, [0.0] * n
     start: dict[Action, float] = {}
     finish: dict[Action, float] = {}
+    done: dict[tuple, float] = {}  # (piece, op, micro-batch) -> finish, as the deps name them
     progress = True
     while progress:
         progress = False
         for s in range(n):
             while pos[s] < len(stage_actions[s]):
                 action = stage_actions[s][pos[s]]
-                ready = [min((finish[d] for d in group if d in finish), default=None)
-                         for group in schedules._deps(action, n)]
+                ready = [min((done[d] for d in group if d in done), default=None)
+                         for group in schedules._deps(action, pieces)]
                 if None in ready:
                     break
                 start[action] = max([free[s], *ready])
                 free[s] = finish[action] = start[action] + cost(action)
+                done[(action.segment, action.op, action.microbatch)] = finish[action]
                 pos[s] += 1
                 progress = True
     if any(pos[s] < len(stage_actions[s]) for s in range(n)):
@@ -145,8 +155,7 @@ def summarize(events: Sequence[dict[str, Any]], config: dict[str, Any], *,
                     continue
                 totals[e["cat"]] += e["dur"] / 1e6
                 if e["cat"] == "compute":
-                    kind = e["args"].get("op", UPDATE) if e.get("args") else UPDATE
-                    action_s[s][str(kind)].append(e["dur"] / 1e6)
+                    action_s[s][_kind(e.get("args"))].append(e["dur"] / 1e6)
             own = span["dur"] / 1e6
             row = per_stage[s]
             row["compute_s"].append(totals["compute"])
@@ -175,16 +184,13 @@ def ideal_pipeline(config: dict[str, Any], action_s: Sequence[dict[str, float]])
     """The ideal pipeline's step time and bubble from each stage's median action times, and
     the schedule's textbook bubble (F = 1, B = 2, I = W = 1 time units)."""
     stages, microbatches = int(config["stages"]), int(config["microbatches"])
-    plan = schedules.build(config["schedule"], stages, microbatches)
+    plan = schedules.build(config["schedule"], stages, microbatches,
+                           config.get("virtual_stages") or None)
 
     def cost(action: Action) -> float:
         times = action_s[action.stage]
-        op = str(action.op)
-        if op in times:
-            return times[op]
-        if op == "B" and "I" in times and "W" in times:
-            return times["I"] + times["W"]
-        return 0.0
+        kind = _kind({"op": str(action.op), "piece": action.piece})
+        return times.get(kind, 0.0)
 
     update = [times.get(UPDATE, 0.0) for times in action_s]
     ideal = simulate(plan, cost, update)
@@ -193,6 +199,14 @@ def ideal_pipeline(config: dict[str, Any], action_s: Sequence[dict[str, float]])
             "ideal_bubble": bubble_fraction(ideal["busy"], ideal["makespan"]),
             "schedule_bubble": bubble_fraction(units["busy"], units["makespan"]),
             "ideal_start": ideal["start"], "ideal_finish": ideal["finish"]}
+
+
+def _per_op(action_s: dict[str, float], op: str) -> float | None:
+    """A stage's time for one micro-batch's ``op``: summed over its pieces when it has several."""
+    if op in action_s:
+        return action_s[op]
+    pieces = [v for k, v in action_s.items() if k.startswith(f"{op}@")]
+    return sum(pieces) if pieces else None
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -207,8 +221,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     for row in summary["per_stage"]:
         acts = row["action_s"]
-        back = acts.get("B", acts.get("I"))
-        cells = [acts.get("F"), back, acts.get("W"), acts.get(UPDATE)]
+        back = _per_op(acts, "B") or _per_op(acts, "I")
+        cells = [_per_op(acts, "F"), back, _per_op(acts, "W"), acts.get(UPDATE)]
         shown = "  ".join(f"{v * ms:5.2f}" if v is not None else "   - " for v in cells)
         lines.append(f"{row['stage']:>5}  {row['compute_s'] * ms:7.2f} {row['send_s'] * ms:6.2f} "
                      f"{row['wait_s'] * ms:6.2f} {row['other_s'] * ms:6.2f} "

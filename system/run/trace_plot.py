@@ -25,7 +25,7 @@ HELPERS = ("allreduce", "digest", "snapshot")
 
 def _kind(event: dict[str, Any]) -> str | None:
     if event["cat"] == "compute":
-        return str((event.get("args") or {}).get("op", "update"))
+        return str((event.get("args") or {}).get("op", "update"))  # F1@2 is coloured as F
     if event["cat"] in ("send", *HELPERS, "checkpoint"):
         return event["cat"]
     return None

@@ -41,8 +41,8 @@ import numpy as np
 from pipetrain import hooks
 from pipetrain.config import TrainConfig
 from pipetrain.nn.digest import combine
+from pipetrain.pipeline.partition import canonical_positions
 from pipetrain.pipeline.partition import stage_bounds as partition_stages
-from pipetrain.pipeline.schedule import build as build_schedule
 from pipetrain.pipeline.schedule import validate as validate_schedule
 from pipetrain.run.rundir import RunDir
 from pipetrain.runtime import messages
@@ -67,9 +67,11 @@ class Aborted(Exception):
     """The user insisted (a second SIGINT): stop now, without a checkpoint."""
 
 
-def stage_bounds(config: TrainConfig) -> list[tuple[int, int]]:
-    """The layers ``[first, stop)`` of every stage, balanced by parameters or measured time."""
-    return partition_stages(config.model_spec(), config.stages, config.balance)
+def stage_bounds(config: TrainConfig) -> list[tuple[int, ...]]:
+    """The layers ``[first, stop)`` of every stage (flattened pairs, one per piece, when
+    interleaved), balanced by parameters or measured time."""
+    return partition_stages(config.model_spec(), config.stages, config.balance,
+                            config.pieces_per_stage)
 
 
 class Coordinator:
@@ -79,10 +81,11 @@ class Coordinator:
         self.run = run
         self.signals = signals
         self.launcher = launcher
-        self.grid = Grid(config.stages, config.replicas)
+        self.grid = Grid(config.stages, config.replicas, ring=config.ring)
         self.bounds = stage_bounds(config)
-        schedule = build_schedule(config.schedule, config.stages, config.microbatches)
-        validate_schedule(schedule, config.stages, config.microbatches)
+        validate_schedule(config.build_schedule(), config.stages, config.microbatches,
+                          config.pieces_per_stage)
+        self.digest_order = canonical_positions(config.model_spec(), self.bounds)
         self.workers: list[WorkerHandle] = []
         # Step results, filed by step and worker as they arrive: with the next step started
         # early (TrainingRun.may_run_ahead) a StepDone can come before the previous step's
@@ -343,15 +346,13 @@ class Coordinator:
         shares = self._digests.pop(step)
         replicas = self.config.replicas
         parts: list[bytes] = []
-        for index in range(self.config.stages):
-            stage_shares = {worker.replica: shares[id(worker)] for worker in self.workers
-                            if worker.index == index}
-            for position in range(len(stage_shares[0])):
-                digest = stage_shares[position % replicas][position]
-                if digest is None:
-                    raise WorkerFailed(f"no digest of parameter {position} of stage {index} "
-                                       f"in step {step}")
-                parts.append(bytes.fromhex(digest))
+        by_place = {(worker.index, worker.replica): shares[id(worker)] for worker in self.workers}
+        for index, position in self.digest_order:
+            digest = by_place[index, position % replicas][position]
+            if digest is None:
+                raise WorkerFailed(f"no digest of parameter {position} of stage {index} "
+                                   f"in step {step}")
+            parts.append(bytes.fromhex(digest))
         return combine(parts)
 
     def _wait_for(self, store: dict[int, dict], step: int, what: str) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipetrain import hooks
+from pipetrain.pipeline.partition import describe_layers
 from pipetrain.run.storage import StorageError
 from pipetrain.runtime import messages
 from pipetrain.runtime.courier import Courier, courier_pair
@@ -48,7 +49,7 @@ class WorkerHandle:
     """One worker as the coordinator sees it."""
 
     position: Position
-    layers: tuple[int, int]
+    layers: tuple[int, ...]  # (first, stop), or one such pair per piece (interleaved)
     process: Process
     control: Channel
     log_path: Path
@@ -73,7 +74,7 @@ class WorkerHandle:
     @property
     def role(self) -> str:
         replica = f" replica {self.replica}" if self.replicated else ""
-        return f"stage {self.index}{replica} (layers {self.layers[0]}-{self.layers[1] - 1})"
+        return f"stage {self.index}{replica} (layers {describe_layers(self.layers)})"
 
 
 # (position) -> the log file of that worker
@@ -86,7 +87,7 @@ class Launcher(Protocol):
     #                         in-memory snapshots)? pipes yes, MPI ranks no
     cont_checkpoints: bool  # does SIGCONT also ask for a checkpoint (see Requests)?
 
-    def start(self, grid: Grid, bounds: list[tuple[int, int]], log_path: LogPath,
+    def start(self, grid: Grid, bounds: list[tuple[int, ...]], log_path: LogPath,
               generation: int) -> list[WorkerHandle]:
         """Every worker of ``grid``, in ``grid.positions()`` order, running, linked, and
         waiting for its ``Init``."""
@@ -139,7 +140,7 @@ class PipeLauncher:
         env["PIPETRAIN_BLAS_THREADS"] = str(self.blas_threads)
         return env
 
-    def start(self, grid: Grid, bounds: list[tuple[int, int]], log_path: LogPath,
+    def start(self, grid: Grid, bounds: list[tuple[int, ...]], log_path: LogPath,
               generation: int) -> list[WorkerHandle]:
         workers: list[WorkerHandle] = []
         try:
@@ -161,13 +162,12 @@ class PipeLauncher:
         batches: dict[Position, dict[str, int]] = {at: {} for at in by_position}
         ours: list[int] = []
         try:
-            for low, high in grid.edges():
+            for link in grid.edges():
                 down_r, down_w = open_pipe()  # low -> high
                 up_r, up_w = open_pipe()      # high -> low
                 ours += [down_r, down_w, up_r, up_w]
-                for at, peer, read_fd, write_fd in ((low, high, up_r, down_w),
-                                                    (high, low, down_r, up_w)):
-                    name = next(n for n, p in grid.links(at).items() if p == peer)
+                for at, name, read_fd, write_fd in ((link.low, link.low_name, up_r, down_w),
+                                                    (link.high, link.high_name, down_r, up_w)):
                     batches[at][f"{name}.read"] = read_fd
                     batches[at][f"{name}.write"] = write_fd
             for at, worker in by_position.items():
@@ -191,7 +191,7 @@ class PipeLauncher:
     def receive_fds(self, worker: WorkerHandle, names: list[str]) -> dict[str, int]:
         return worker.courier.receive(names)
 
-    def spawn(self, at: Position, layers: tuple[int, int], log_path: Path, generation: int,
+    def spawn(self, at: Position, layers: tuple[int, ...], log_path: Path, generation: int,
               replicated: bool) -> WorkerHandle:
         """A worker at ``at``: the spare if one is waiting, a new process otherwise."""
         spare, self._spare = self._spare, None

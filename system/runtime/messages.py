@@ -56,7 +56,7 @@ class Init(Message):
     stage: int
     replica: int
     num_stages: int
-    layers: list[int]  # [first, stop) of this stage's layers
+    layers: list[int]  # [first, stop) of this stage's layers; a pair per piece if interleaved
     links: dict[str, dict[str, Any]]
     op_timeout_s: float
     heartbeat_interval_s: float

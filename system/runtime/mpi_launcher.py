@@ -41,7 +41,9 @@ from pipetrain.wire.mpi_hub import MpiHub
 
 # One tag per kind of link. Between two ranks there is at most one link of each kind (a pipeline
 # neighbour is never a replica neighbour), so (peer, tag) names a channel.
-TAG_CONTROL, TAG_PIPELINE, TAG_CHAIN = 1, 2, 3
+# The ring's link round from the last stage to the first has a tag of its own: with two stages
+# it joins the same two ranks as the other pipeline link (interleaved 1F1B).
+TAG_CONTROL, TAG_PIPELINE, TAG_CHAIN, TAG_RING = 1, 2, 3, 4
 HOST_BYTES = 256
 FAILED_STOP_GRACE_S = 2.0  # after a failure: how long a worker may take to acknowledge "stop"
 STOP_GRACE_S = 3.0
@@ -217,7 +219,7 @@ class MpiLauncher:
         self.world = world
         self.op_timeout_s = op_timeout_s
 
-    def start(self, grid: Grid, bounds: list[tuple[int, int]], log_path: LogPath,
+    def start(self, grid: Grid, bounds: list[tuple[int, ...]], log_path: LogPath,
               generation: int) -> list[WorkerHandle]:
         if generation:
             raise RuntimeError("MPI ranks cannot be restarted in place")
@@ -225,7 +227,8 @@ class MpiLauncher:
         for at in grid.positions():
             rank = grid.rank(at)
             control = self.world.controls[rank]
-            endpoints = {name: {"rank": grid.rank(peer)} for name, peer in grid.links(at).items()}
+            endpoints = {name: {"rank": grid.rank(peer), "wraps": grid.wraps(at, name)}
+                         for name, peer in grid.links(at).items()}
             worker = WorkerHandle(at, tuple(bounds[at.stage]), self.world.ranks[rank], control,
                                   log_path(at), endpoints, replicated=grid.replicas > 1)
             control.name = f"control of {worker.role}"
@@ -282,6 +285,8 @@ class MpiTransport:
 
     def open_link(self, name: str, endpoint: dict[str, int], op_timeout_s: float) -> Channel:
         tag = TAG_PIPELINE if name in PIPELINE_LINKS else TAG_CHAIN
+        if endpoint.get("wraps"):
+            tag = TAG_RING
         return MpiChannel(self.world.hub, endpoint["rank"], tag, name=name,
                           stall_timeout_s=op_timeout_s)
 

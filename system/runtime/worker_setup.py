@@ -27,8 +27,8 @@ from pipetrain.config import TrainConfig, build_config
 from pipetrain.data.loader import Loader, MicroBatch
 from pipetrain.data.workload import Workload, prepare
 from pipetrain.nn.digest import array_digest, combine
+from pipetrain.pipeline.partition import stage_pieces
 from pipetrain.pipeline.schedule import Action
-from pipetrain.pipeline.schedule import build as build_schedule
 from pipetrain.pipeline.stage import Stage
 from pipetrain.run import checkpoint
 from pipetrain.run.storage import StorageError
@@ -94,7 +94,7 @@ class Parts:
         """The gradients this worker hashes: after the all-reduce every replica holds the same
         ones, so replica r hashes the parameters at positions r, r + R, r + 2R, ... and the
         coordinator takes each digest from the replica that made it."""
-        grads = self.stage.segment.grads()
+        grads = self.stage.grads()
         replica, replicas = self.place.replica, self.config.replicas
         return [grads[name] if position % replicas == replica else None
                 for position, name in enumerate(self.stage.names)]
@@ -224,7 +224,8 @@ class Parts:
         if self.region is not None:
             self.region.forget_after(step)
         self.applied_step = step
-        self.open_links(links, Grid(self.config.stages, self.config.replicas))
+        self.open_links(links, Grid(self.config.stages, self.config.replicas,
+                                    ring=self.config.ring))
         hooks.current().recovery_phase(self.place, step, "state_transfer")
         self.sync_state(state_root)
         hooks.current().state_restored(self.place, self.stage)
@@ -279,8 +280,8 @@ def build_parts(init: messages.Init, transport: Any, inbox: Inbox, report_digest
     (called whenever the main thread waits), ``transport`` opens its links."""
     config = build_config(init.config, source="init")
     place = hooks.Place(hooks.STAGE, init.stage, init.replica, init.generation)
-    grid = Grid(init.num_stages, config.replicas)
-    first, stop = init.layers
+    grid = Grid(init.num_stages, config.replicas, ring=config.ring)
+    pieces = stage_pieces(init.layers, init.stage, init.num_stages)
     is_first, is_last = init.stage == 0, init.stage == init.num_stages - 1
     fds = transport.take(init.fds)
     if init.trace_dir:  # --trace: this process's spans, written when its parts close
@@ -295,12 +296,12 @@ def build_parts(init: messages.Init, transport: Any, inbox: Inbox, report_digest
         digester = DigestThread(report_digests)
         undo.callback(digester.close)
         stage = Stage(model=config.model_spec(), index=init.stage, num_stages=init.num_stages,
-                      first_layer=first, stop_layer=stop,
+                      pieces=pieces, num_pieces=init.num_stages * config.pieces_per_stage,
                       source=(lambda step, mb: parts.next_microbatch(step, mb))
                       if workload else None,
                       on_grads_final=lambda step, grads: parts.reducer.submit(step, grads),
                       replica=init.replica)
-        actions = build_schedule(config.schedule, init.num_stages, config.microbatches)
+        actions = config.build_schedule()
         parts = Parts(place=place, config=config, workload=workload, stage=stage,
                       actions=actions[init.stage], inbox=inbox, transport=transport,
                       alive=alive, op_timeout_s=init.op_timeout_s, digester=digester,

@@ -73,6 +73,7 @@ def prepare(command: str, config: ConfigLike = None, options: dict[str, Any] | N
     """Resolve and check a run, in the order a user's mistakes are best explained: the
     values, then the data against the model, then the stage count against the model."""
     values: dict[str, Any] = {}
+    recorded: dict[str, Any] = {}
     source = "options"
     options = _plain({k: v for k, v in (options or {}).items() if v is not None})
     run_dir_given = options.get("run_dir") or (
@@ -95,9 +96,15 @@ def prepare(command: str, config: ConfigLike = None, options: dict[str, Any] | N
         values.update(load_toml(config))
         source = str(config)
     values.update(options)
+    if resume and run_dir_given and values.get("schedule") != recorded.get("schedule") \
+            and "virtual_stages" not in options:  # resumed under another schedule: its own
+        values.pop("virtual_stages", None)
     # The data first: "64 features but the first layer expects 10" is the mistake to report,
     # not the stage count that the wrong layers then cannot hold.
-    checked = build_config({**values, "stages": 1}, source=source)
+    one_stage = {"stages": 1}
+    if values.get("schedule") == "interleaved":  # a ring of one stage: checked with --stages
+        one_stage.update(schedule="1f1b", virtual_stages=0)
+    checked = build_config({**values, **one_stage}, source=source)
     workload = load_workload(checked)
     if command == "reference":
         if "stages" in values:  # validated like train: a stage count given must fit too

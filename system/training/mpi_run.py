@@ -111,6 +111,9 @@ def _run_coordinator(world: MpiWorld, prepare: Callable[[], tuple[TrainConfig, P
     except BaseException:
         world.send_go(0)  # the workers leave quietly; this rank reports the error
         raise
+    # Printed first, even with --quiet, as the pipe transport does: the handle for
+    # `pipetrain status|stop|plot RUN_DIR`.
+    print(f"run directory: {run_dir}", flush=True)
     world.send_go(config.blas_threads)
     world.start_hub()
     for sig in CONTROL_SIGNALS:  # as in pipetrain.cli: until the run installs its handlers
@@ -128,8 +131,6 @@ def _run_coordinator(world: MpiWorld, prepare: Callable[[], tuple[TrainConfig, P
             print(f"pipetrain: {roles} did not stop when told to; aborting the MPI job",
                   file=sys.stderr)
             world.abort(status or ExitCode.FAILED)
-    if not quiet:
-        print(f"run directory: {run_dir}")
     return status
 
 

@@ -20,6 +20,14 @@ def test_uniform_costs_replay_like_the_schedule_module(name, stages, microbatche
     assert ours["start"] == theirs["start"]
 
 
+@pytest.mark.parametrize("stages,microbatches,virtual", [(2, 4, 2), (3, 6, 2), (2, 4, 3)])
+def test_interleaved_replays_like_the_schedule_module(stages, microbatches, virtual):
+    plan = schedules.build("interleaved", stages, microbatches, virtual)
+    ours = simulate(plan, lambda a: schedules.DEFAULT_COST[a.op])
+    theirs = schedules.simulate(plan)
+    assert ours["makespan"] == theirs["makespan"] and ours["start"] == theirs["start"]
+
+
 def test_a_slow_stage_sets_the_pace_and_the_update_comes_last():
     plan = schedules.build("1f1b", 2, 4)
     # Stage 0 three times as slow as stage 1: it is never idle once stage 1 has returned the
