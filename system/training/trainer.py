@@ -35,7 +35,8 @@ from pipetrain.run.progress import Progress
 from pipetrain.run.rundir import RunDir, read_events, save_params
 from pipetrain.run.storage import StorageError
 from pipetrain.run.trace_file import finish_recording, start_recording
-from pipetrain.runtime.coordinator import Aborted, Coordinator
+from pipetrain.runtime.control_loop import Aborted
+from pipetrain.runtime.coordinator import Coordinator
 from pipetrain.runtime.courier import CourierError
 from pipetrain.runtime.diagnosis import StartupFailed, WorkerFailed
 from pipetrain.runtime.launcher import Launcher, PipeLauncher
