@@ -38,7 +38,7 @@ def _baselines(ax, configs: dict, names: list[tuple[str, str, str]]) -> None:
 def write_all(results: dict, directory: Path) -> list[str]:
     train = results.get("training")
     transport = results.get("transport")
-    if not train and not transport:
+    if not train and not transport and not results.get("tiny"):
         return []
     try:
         import matplotlib
@@ -137,6 +137,71 @@ def write_all(results: dict, directory: Path) -> list[str]:
         ax.set_ylim(bottom=0)
         save(fig, "throughput-replicas.png")
 
+    tiny = results.get("tiny")
+    if tiny and tiny["configs"].get("tiny-ref", {}).get("median"):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        tconf = tiny["configs"]
+        batch = tiny["workload"]["batch"]
+
+        def ms(name: str):
+            c = tconf.get(name) or {}
+            return batch / c["median"] * 1e3 if c.get("median") else None
+
+        for label, points, marker in (
+                ("S stages (R = 1)", [(s, ms(f"tiny-s{s}")) for s in (1, 2, 4, 8)], "o"),
+                ("R replicas (S = 1)", [(1, ms("tiny-s1"))] + [(r, ms(f"tiny-s1-r{r}"))
+                                                               for r in (2, 4)], "s")):
+            points = [(x, y) for x, y in points if y is not None]
+            if points:
+                ax.plot([x for x, _ in points], [y for _, y in points], marker=marker,
+                        label=f"pipetrain train, {label}")
+        ax.axhline(ms("tiny-ref"), color="grey", linestyle="--",
+                   label=f"reference: {ms('tiny-ref'):.2f} ms")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([1, 2, 4, 8])
+        ax.set_xticklabels(["1", "2", "4", "8"])
+        ax.set_xlabel("processes: stages S, or replicas R")
+        ax.set_ylabel("ms per step")
+        ax.set_title("The fixed cost of a step: tiny model (8 dense layers of 32, batch 64, "
+                     "M = 4)\nmedian over the repeats", fontsize=10)
+        ax.legend(fontsize=8, loc="upper left")
+        ax.set_ylim(bottom=0)
+        save(fig, "fixed-cost.png")
+
+    if train and any(name.startswith("w") for name in train["configs"]):
+        configs = train["configs"]
+        widths = [256, 512, 1024, 2048]
+        names = {w: ("ref-1t", "s2-1f1b-m4") if w == 1024 else (f"w{w}-ref-1t",
+                                                                  f"w{w}-s2-1f1b-m4")
+                 for w in widths}
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
+        for index, label in ((0, "reference, 1 BLAS thread"), (1, "train S=2 1F1B, M=4")):
+            xs = [w for w in widths if "median" in configs.get(names[w][index], {})]
+            ax.plot(xs, [configs[names[w][index]]["median"] for w in xs], marker="o",
+                    label=label)
+        xs = [w for w in widths if "median" in configs.get(names[w][0], {})
+              and "median" in configs.get(names[w][1], {})]
+        ax2.plot(xs, [configs[names[w][1]]["median"] / configs[names[w][0]]["median"]
+                      for w in xs], marker="o", label="S=2 / reference")
+        xb = [w for w in widths if "fraction_of_bound" in
+              (configs.get(names[w][1], {}).get("bound") or {})]
+        ax2.plot(xb, [configs[names[w][1]]["bound"]["fraction_of_bound"] for w in xb],
+                 marker="s", label="S=2: fraction of the ideal pipeline bound")
+        for axis in (ax, ax2):
+            axis.set_xscale("log", base=2)
+            axis.set_xticks(widths)
+            axis.set_xticklabels([str(w) for w in widths])
+            axis.set_xlabel("hidden width (784-w-w-w-10)")
+            axis.legend(fontsize=8)
+            axis.set_ylim(bottom=0)
+        ax.set_ylabel("samples/s")
+        ax2.set_ylabel("ratio")
+        ax.set_title("Throughput against model size", fontsize=10)
+        ax2.set_title("Where the fixed cost stops mattering", fontsize=10)
+        save(fig, "model-size.png")
+
+    written += [f"{directory.name}/{path.name}"
+                for path in sorted(directory.glob("timeline-*.png"))]
     if transport:
         fig, ax = plt.subplots(figsize=(8, 4.5))
         sizes, methods = transport["sizes"], transport["methods"]

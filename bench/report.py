@@ -11,12 +11,21 @@ LABELS = {
     "torch-1f1b": "torch pipelining Schedule1F1B, 2 ranks, M=4",
     "torch-gpipe": "torch pipelining ScheduleGPipe, 2 ranks, M=4",
     "torch-ddp": "torch DDP, 2 ranks x (batch/2)",
+    "tiny-ref": "reference (one process)",
 }
 
 
 def label(name: str, config: dict) -> str:
     if name in LABELS:
         return LABELS[name]
+    if config.get("layers"):
+        width = config["layers"][1]
+        if config.get("command") == "reference":
+            return f"width {width}: reference, 1 BLAS thread (M=4)"
+        return f"width {width}: train S={config.get('stages')} {config.get('schedule')}, M=4"
+    if name.startswith("tiny-"):
+        return (f"train S={config.get('stages', 1)}"
+                + (f", R={config['replicas']}" if config.get("replicas", 1) > 1 else ""))
     if config.get("replicas", 1) > 1 or name.startswith("r"):
         return f"train S=1, R={config.get('replicas', 1)}, M={config.get('microbatches')}"
     return (f"train S={config.get('stages')} {config.get('schedule')}, "
@@ -33,6 +42,57 @@ def _mb(value) -> str:
     return "n/a" if value is None else f"{value / 2**20:.0f}"
 
 
+def _kernels(machine: dict) -> str:
+    env = machine.get("blas_environment") or {}
+    kernels = machine.get("kernels") or {}
+    numpy_pools = [p for p in kernels.get("numpy", {}).get("threadpools", [])
+                   if p.get("user_api") == "blas"]
+    torch_info = kernels.get("torch") or {}
+    text = (f"numpy runs {numpy_pools[0].get('internal_api')} {numpy_pools[0].get('version')} "
+            f"with the {numpy_pools[0].get('architecture')} kernel" if numpy_pools
+            else "numpy's BLAS unknown")
+    if torch_info and "error" not in torch_info:
+        text += (f"; torch {torch_info.get('torch')} its own (MKL "
+                 f"{'yes' if torch_info.get('mkl') else 'no'}, CPU capability "
+                 f"{torch_info.get('cpu_capability')})")
+    had = env.get("machine_had") or {}
+    if env.get("fair", True):
+        text += ("; fair: the suite's processes ran without "
+                 + (", ".join(f"{k}={v}" for k, v in had.items()) + " (set on this machine)"
+                    if had else "OpenBLAS overrides (none were set)"))
+    else:
+        text += f"; NOT fair: the suite ran with {env.get('benchmark_processes_run_with')}"
+    return text
+
+
+def _bound(c: dict) -> str:
+    bound = c.get("bound") or {}
+    if "fraction_of_bound" not in bound:
+        return ""
+    return f"{bound['fraction_of_bound']:.0%} of {bound['ideal_step_s'] * 1e3:.1f} ms"
+
+
+def tiny_lines(tiny: dict) -> list[str]:
+    w = tiny["workload"]
+    ref = tiny["configs"].get("tiny-ref", {}).get("median")
+    lines = ["## The fixed cost of a step (tiny model)", "",
+             f"MLP {'-'.join(map(str, w['layers']))}, float32, SGD, batch {w['batch']}, M=4, "
+             f"{w['samples']} synthetic samples, {w['epochs']} epochs a run; time per step = the "
+             f"median gap between step events. {tiny['repeats']} repeats.", "",
+             "| configuration | ms per step (median) | min-max | x reference's time |",
+             "| --- | ---: | --- | ---: |"]
+    for name, c in tiny["configs"].items():
+        if "median" not in c:
+            lines.append(f"| {label(name, c['config'])} | failed | "
+                         f"{'; '.join(c.get('errors', []))[:200]} | |")
+            continue
+        batch = w["batch"]
+        lines.append(f"| {label(name, c['config'])} | {batch / c['median'] * 1e3:.2f} | "
+                     f"{batch / c['max'] * 1e3:.2f}-{batch / c['min'] * 1e3:.2f} | "
+                     f"{ref / c['median'] if ref else float('nan'):.2f} |")
+    return [*lines, ""]
+
+
 def markdown(results: dict) -> str:
     meta = results["meta"]
     lines = ["# pipetrain benchmark results", ""]
@@ -46,6 +106,7 @@ def markdown(results: dict) -> str:
         f"{machine.get('numpy')} ({(machine.get('blas') or {}).get('internal_api')} "
         f"{(machine.get('blas') or {}).get('version')}, "
         f"{(machine.get('blas') or {}).get('architecture')}), torch {machine.get('torch')}",
+        f"- kernels: {_kernels(machine)}",
         f"- 1-minute load average: {meta['load_avg_start'][0]:.2f} at the start, "
         f"{meta.get('load_avg_end', [float('nan')])[0]:.2f} at the end"
         + (f" (waited {meta['load_wait']['waited_s']} s for < {meta['load_wait']['threshold']})"
@@ -65,8 +126,8 @@ def markdown(results: dict) -> str:
         value = t["value"]
         shown = ("n/a" if value is None else f"{value * 100:.2f} %" if t["name"] ==
                  "loader_stall_share" else f"{value:.3f} s" if t["name"].endswith("_s")
-                 else f"{value:.2f}x")
-        needed = "< 2 %" if t["name"] == "loader_stall_share" else t["target"]
+                 else f"{value:.0%}" if "fraction" in t["name"] else f"{value:.2f}x")
+        needed = "<= 2 %" if t["name"] == "loader_stall_share" else t["target"]
         lines.append(f"| {t['what']} | {shown} | {needed} | {met} |")
     lines.append("")
 
@@ -83,16 +144,21 @@ def markdown(results: dict) -> str:
         if train["torch"].get("note"):
             lines += [f"> {train['torch']['note']}", ""]
         ref = train["configs"].get("ref-1t", {}).get("median")
-        lines += ["| configuration | samples/s (median) | min-max | x reference 1 thread | runs |",
-                  "| --- | ---: | --- | ---: | ---: |"]
+        lines += ["The ideal pipeline bound of a pipeline run replays its schedule with each "
+                  "stage's measured median time of each kind of action (from its trace) and no "
+                  "cost for anything else; 'of the bound' is that ideal step time over the "
+                  "measured one.", "",
+                  "| configuration | samples/s (median) | min-max | x reference 1 thread | "
+                  "of the ideal pipeline bound | runs |",
+                  "| --- | ---: | --- | ---: | --- | ---: |"]
         for name, c in train["configs"].items():
             if "median" not in c:
                 err = "; ".join(c.get("errors", []))[:200] or "no result"
-                lines.append(f"| {label(name, c['config'])} | failed | {err} | | 0 |")
+                lines.append(f"| {label(name, c['config'])} | failed | {err} | | | 0 |")
                 continue
             rel = f"{c['median'] / ref:.2f}" if ref else "n/a"
             lines.append(f"| {label(name, c['config'])} | {c['median']:,.0f} | "
-                         f"{c['min']:,.0f}-{c['max']:,.0f} | {rel} | {c['ok']} |")
+                         f"{c['min']:,.0f}-{c['max']:,.0f} | {rel} | {_bound(c)} | {c['ok']} |")
         lines += ["", "| ratio | median of medians | paired per repeat, min-max |",
                   "| --- | ---: | --- |"]
         for r in train["ratios"].values():
@@ -118,6 +184,8 @@ def markdown(results: dict) -> str:
                          f"{'; '.join(parts)} |")
         lines.append("")
 
+    if results.get("tiny"):
+        lines += tiny_lines(results["tiny"])
     transport = results.get("transport")
     if transport:
         lines += ["## Transport", "",

@@ -7,6 +7,12 @@ first ``skip`` steps (process warm-up) and every step that follows an epoch boun
 evaluation and parameter gathering sit in that gap) are left out. The same events give the loader
 stall share (``wait_data_s`` of the data-reading stages against the step time) and each stage's
 time split (compute, waiting for neighbours, all-reduce).
+
+The pipeline runs are traced (``--trace``, a few dozen spans a step on each stage: microseconds
+against steps of tens of milliseconds), and their trace gives the *ideal pipeline bound*: the
+schedule replayed with each stage's measured median time of each kind of action and no cost for
+anything else (``pipetrain.run.timeline``). ``fraction_of_bound`` is that ideal step time over
+the measured one.
 """
 
 from __future__ import annotations
@@ -45,6 +51,12 @@ class Workload:
 FULL = Workload()
 QUICK = Workload(layers=(64, 128, 128, 128, 10), samples=512, batch=64, epochs=1, skip=1,
                  torch_steps=5, torch_warmup=1)
+# The fixed cost of a step: a model so small that a step is almost nothing but machinery
+# (8 dense layers of 32 on digit-sized inputs, batch 64, M = 4).
+TINY = Workload(layers=(64, 32, 32, 32, 32, 32, 32, 32, 10), samples=4096, batch=64, epochs=2,
+                skip=3)
+TINY_QUICK = Workload(layers=(64, 32, 32, 32, 32, 32, 32, 32, 10), samples=512, batch=64,
+                      epochs=1, skip=1)
 
 
 @dataclass(frozen=True)
@@ -61,6 +73,8 @@ class RunConfig:
     batch: int | None = None  # None: the workload's
     epochs: int | None = None
     extra: tuple[str, ...] = field(default=())
+    layers: tuple[int, ...] | None = None  # None: the workload's (the model-size sweep)
+    trace: bool = False  # --trace, for the ideal pipeline bound
 
 
 def make_dataset(directory: Path, workload: Workload, seed: int = 0) -> Path:
@@ -85,7 +99,8 @@ def pipetrain_args(config: RunConfig, workload: Workload, dataset: Path,
     batch = config.batch or workload.batch
     args = [
         sys.executable, "-P", "-m", "pipetrain", config.command, "--dataset", str(dataset),
-        "--layers", workload.layers_arg, "--dtype", "float32", "--batch-size", str(batch),
+        "--layers", ",".join(map(str, config.layers)) if config.layers else workload.layers_arg,
+        "--dtype", "float32", "--batch-size", str(batch),
         "--microbatches", str(config.microbatches), "--holdout", "0", "--optimizer", "sgd",
         "--epochs", str(config.epochs or workload.epochs), "--quiet", "--run-dir", str(run_dir),
         "--blas-threads", str(config.blas_threads),
@@ -93,6 +108,8 @@ def pipetrain_args(config: RunConfig, workload: Workload, dataset: Path,
     if config.command == "train":
         args += ["--stages", str(config.stages), "--replicas", str(config.replicas),
                  "--schedule", config.schedule]
+        if config.trace:
+            args.append("--trace")
     elif config.replicas > 1:
         args += ["--replicas", str(config.replicas)]
     return [*args, *config.extra]
@@ -222,7 +239,25 @@ def run_pipetrain(config: RunConfig, workload: Workload, dataset: Path, run_dir:
         result["to_first_step_s"] = steps[0] - started
     if rss:
         result["peak_rss_bytes"] = [rss.peaks.get(pid) for pid in rss.pids]
+    if config.trace:
+        result["bound"] = pipeline_bound(run_dir, workload.skip)
     return result
+
+
+def pipeline_bound(run_dir: Path, skip: int) -> dict:
+    """The ideal pipeline of a traced run (see the module docstring), or why there is none."""
+    from pipetrain.run.timeline import summarize
+    from pipetrain.run.trace_file import load_trace
+
+    try:
+        config = json.loads((run_dir / "run.json").read_text())["config"]
+        summary = summarize(load_trace(run_dir), config, skip=skip)
+    except (OSError, ValueError, KeyError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {key: summary[key] for key in ("ideal_step_s", "ideal_bubble", "schedule_bubble",
+                                          "measured_bubble", "window_s")} | {
+        "per_stage": [{k: row[k] for k in ("compute_s", "send_s", "wait_s", "other_s",
+                                           "action_s")} for row in summary["per_stage"]]}
 
 
 def run_torch(config: RunConfig, workload: Workload, timeout_s: float = 900) -> dict:
@@ -270,6 +305,23 @@ def summarize(runs: list[dict]) -> dict:
         stalls = [r["stall"] for r in ok if "stall" in r]
         if stalls:
             out["stall"] = {key: statistics.median(s[key] for s in stalls) for key in stalls[0]}
+        steps = [r["median_step_s"] for r in ok if "median_step_s" in r]
+        if steps:
+            out["median_step_s"] = statistics.median(steps)
+        bounds = [r["bound"] for r in ok if "ideal_step_s" in r.get("bound", {})]
+        if bounds and steps:
+            ideal = statistics.median(b["ideal_step_s"] for b in bounds)
+            out["bound"] = {
+                "ideal_step_s": ideal, "fraction_of_bound": ideal / out["median_step_s"],
+                "ideal_bubble": statistics.median(b["ideal_bubble"] for b in bounds),
+                "schedule_bubble": bounds[0]["schedule_bubble"],
+                "measured_bubble": statistics.median(b["measured_bubble"] for b in bounds),
+                "per_stage_compute_s": [statistics.median(b["per_stage"][s]["compute_s"]
+                                                          for b in bounds)
+                                        for s in range(len(bounds[0]["per_stage"]))],
+                "runs": len(bounds)}
+        elif any("bound" in r for r in ok):
+            out["bound"] = {"error": next(r["bound"].get("error") for r in ok if "bound" in r)}
     return out
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipetrain.run.rundir import read_events, read_state
-from pipetrain_harness import report_plots
+from pipetrain_harness import report_plots, report_trace
 from pipetrain_harness.checks import CheckResult, RunOutcome, verdict
 from pipetrain_harness.report_history import esc as _esc
 from pipetrain_harness.report_history import history_html
@@ -43,6 +43,7 @@ class ReportView:
     checks: list[dict[str, Any]] = field(default_factory=list)
     leaks: list[str] = field(default_factory=list)
     reproduce: str | None = None
+    run_dir: Path | None = None  # for its trace (a --trace run): the pipeline timeline
 
 
 def _reference_events(reference_dir: Path | None) -> list[dict[str, Any]] | None:
@@ -95,7 +96,8 @@ def write_report(outcome: RunOutcome, results: list[CheckResult], report_dir: Pa
         history=history, run_events=outcome.run_events(),
         reference_events=_reference_events(outcome.reference_dir),
         samples=outcome.monitor_samples, processes=processes, verdict=overall,
-        checks=report["checks"], leaks=report["leaks"], reproduce=reproduce)
+        checks=report["checks"], leaks=report["leaks"], reproduce=reproduce,
+        run_dir=outcome.run_dir)
     page.write_text(render_html(view), encoding="utf-8")
     return report
 
@@ -125,7 +127,7 @@ def write_run_report(run_dir: Path, out: Path | None = None,
                f"{restarts} restart(s)"] + ([f"compared with {reference_dir}"]
                                              if reference_dir else []),
         history=history, run_events=events, reference_events=_reference_events(reference_dir),
-        processes=processes)
+        processes=processes, run_dir=run_dir)
     page = Path(out) if out else run_dir / "report.html"
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text(render_html(view), encoding="utf-8")
@@ -294,6 +296,11 @@ def _plots_html(view: ReportView) -> list[str]:
                            plots.throughput_plot(Figure, line, view.run_events)))
             images.append(("per-stage compute and wait", plots.stage_plot(Figure,
                                                                           view.run_events)))
+            timeline, note = report_trace.pipeline_timeline(view.run_dir)
+            if timeline is not None:
+                images.append(("pipeline timeline", timeline))
+            if note:
+                notes.append(note)
         if view.samples:
             images.append(("CPU per process", plots.process_plot(
                 Figure, line, view.samples, "cpu_percent", 1.0, "CPU %")))

@@ -133,6 +133,9 @@ def _add_run_options(parser: argparse.ArgumentParser, command: str) -> None:
     if command == "train":
         parser.add_argument("--resume", action="store_true",
                             help="continue the run in --run-dir from its newest checkpoint")
+        parser.add_argument("--trace", action="store_true", default=None,
+                            help="record every process's actions, sends and receives into "
+                            "RUN_DIR/trace.json (Perfetto; pipetrain trace RUN_DIR draws it)")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress output; the run directory is still printed")
     parser.add_argument("--tensorboard", action="store_true",
@@ -171,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     plot = add("plot", "a PNG of a run: loss, held-out metric, throughput (the plot extra)")
     plot.add_argument("run_dir", metavar="RUN_DIR")
     plot.add_argument("-o", "--output", metavar="PNG", help="default: RUN_DIR/plot.png")
+    trace = add("trace", "a --trace run's pipeline timeline (PNG) and per-stage compute, "
+                "wait and bubble against the ideal pipeline")
+    trace.add_argument("run_dir", metavar="RUN_DIR")
+    trace.add_argument("-o", "--output", metavar="PNG", help="default: RUN_DIR/timeline.png")
+    trace.add_argument("--steps", metavar="A-B", help="the steps drawn (default: three from "
+                       "the middle of the run)")
+    trace.add_argument("--json", action="store_true", help="print the summary as JSON")
     report = add("report", "the harness's HTML report of any run (the harness extra)")
     report.add_argument("run_dir", metavar="RUN_DIR")
     report.add_argument("-o", "--output", metavar="HTML", help="default: RUN_DIR/report.html")
@@ -349,6 +359,10 @@ def run(argv: list[str] | None = None) -> int:
             return show_status(args.run_dir, args.json)
         case "plot":
             return plot(args.run_dir, args.output)
+        case "trace":
+            from pipetrain.run.trace_report import show_trace
+
+            return show_trace(args.run_dir, args.output, args.steps, as_json=args.json)
         case "report":
             return report(args.run_dir, args.output, args.reference)
         case "completion":

@@ -70,6 +70,8 @@ class TrainConfig:
     balance: str = "params"
     blas_threads: int = 1
     run_dir: str | None = field(default=None, metadata={"math": False})
+    # Record a Chrome trace of every process into RUN_DIR/trace.json (pipetrain.tracing).
+    trace: bool = field(default=False, metadata={"math": False})
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)

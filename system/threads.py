@@ -40,3 +40,9 @@ def start_helper(target: Callable[..., Any], *, name: str, args: tuple = ()) -> 
     thread = threading.Thread(target=run, name=name)
     thread.start()
     return thread
+
+
+def leftover_threads(allowed: tuple[str, ...] = ()) -> list[str]:
+    """Threads still alive besides the main thread (and those named in ``allowed``)."""
+    return [t.name for t in threading.enumerate()
+            if t is not threading.main_thread() and t.name not in allowed]

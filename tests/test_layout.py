@@ -20,7 +20,7 @@ SYSTEM = REPO / "system"
 HARNESS = REPO / "harness"
 # Bottom to top; a module may import its own layer and the layers below.
 LAYERS = [
-    {"pipetrain", "pipetrain.hooks", "pipetrain.status", "pipetrain.threads"},
+    {"pipetrain", "pipetrain.hooks", "pipetrain.status", "pipetrain.threads", "pipetrain.tracing"},
     {"pipetrain.nn"}, {"pipetrain.data"}, {"pipetrain.wire"}, {"pipetrain.pipeline"},
     {"pipetrain.run"}, {"pipetrain.config"}, {"pipetrain.runtime"}, {"pipetrain.training"},
     {"pipetrain.cli"}, {"pipetrain.__main__"},

@@ -35,7 +35,6 @@ import numpy as np
 
 from pipetrain import hooks
 from pipetrain.data.augment import AUGMENTATIONS
-from pipetrain.data.sampler import split_batch
 from pipetrain.data.workload import Workload
 from pipetrain.threads import start_helper
 
@@ -63,8 +62,8 @@ def prepare_microbatch(
 ) -> MicroBatch:
     """One micro-batch of this replica: gather, augment, cast. Pure: same arguments, same bits."""
     epoch, step_in_epoch = workload.locate(step)
-    batch = workload.batches.batch(epoch, step_in_epoch)
-    indices = split_batch(batch, replicas, microbatches)[replica][microbatch]
+    indices = workload.batches.microbatch(epoch, step_in_epoch, replicas, microbatches, replica,
+                                          microbatch)
     x = None
     if need_x:
         x = workload.x[indices]  # fancy indexing copies: the dataset is never written

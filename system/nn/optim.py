@@ -27,6 +27,19 @@ class Optimizer:
             for name, value in params.items()
             for slot in self.slots
         }
+        # One scratch array as large as the largest parameter, for ``lr * g``: a fresh
+        # temporary of a large layer's size every step costs more than the update's arithmetic
+        # (the allocator hands back new pages). The same operations, so the same bits.
+        largest = max(params.values(), key=lambda p: p.size, default=None)
+        self._scratch = (np.empty(largest.size, dtype=largest.dtype) if largest is not None
+                         else None)
+
+    def _scaled(self, array: np.ndarray) -> np.ndarray:
+        """``self.lr * array`` (rounded to the array's dtype) in the scratch array."""
+        if self._scratch is None or array.dtype != self._scratch.dtype:
+            return self.lr * array
+        out = self._scratch[:array.size].reshape(array.shape)
+        return np.multiply(array, self.lr, out=out)
 
     def step(self, grads: dict[str, np.ndarray]) -> None:
         self.step_count += 1
@@ -34,7 +47,7 @@ class Optimizer:
             self._update(name, param, grads[name])
 
     def _update(self, name: str, param: np.ndarray, grad: np.ndarray) -> None:
-        param -= self.lr * grad
+        param -= self._scaled(grad)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         state = dict(self.state)
@@ -57,7 +70,7 @@ class Momentum(Optimizer):
         velocity = self.state[f"{name}.velocity"]
         velocity *= MOMENTUM
         velocity += grad
-        param -= self.lr * velocity
+        param -= self._scaled(velocity)
 
 
 class Adam(Optimizer):

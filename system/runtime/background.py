@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from pipetrain import tracing
 from pipetrain.nn.digest import array_digest
 from pipetrain.threads import start_helper
 from pipetrain.wire.allreduce import chain_allreduce_parts
@@ -118,7 +119,9 @@ class DigestThread(JobThread):
 
     def run_job(self, job: tuple[int, list[np.ndarray | None]]) -> None:
         step, arrays = job
-        self._report(step, [None if a is None else array_digest(a).hex() for a in arrays])
+        with tracing.current().span("digest", tracing.DIGEST, {"step": step}):
+            digests = [None if a is None else array_digest(a).hex() for a in arrays]
+        self._report(step, digests)
 
 
 # (step) -> the chain's send/receive callables for that step's frames
@@ -146,6 +149,8 @@ class ReduceThread(JobThread):
         if step != self._step:  # chunk frames are numbered from 0 in every step
             self._step, self._next_index = step, 0
         self._before_reduce(step, list(grads))
-        self._next_index = chain_allreduce_parts(
-            list(grads.values()), self.rank, self.size, first_index=self._next_index,
-            **self._links_for(step))
+        with tracing.current().span("all-reduce", tracing.ALLREDUCE,
+                                    {"step": step, "params": list(grads)}):
+            self._next_index = chain_allreduce_parts(
+                list(grads.values()), self.rank, self.size, first_index=self._next_index,
+                **self._links_for(step))

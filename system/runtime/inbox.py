@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from pipetrain import tracing
 from pipetrain.threads import start_helper
 from pipetrain.wire.channel import Channel, ChannelClosed
 
@@ -115,7 +116,11 @@ class Receivers:
                     return
                 # Readable (or hung up): a whole frame must now arrive within the timeout,
                 # else the sender is stalled mid-frame.
-                self.inbox.put(source, channel.recv_frame(timeout_s=self.op_timeout_s))
+                span_ns = tracing.current().start()
+                frame = channel.recv_frame(timeout_s=self.op_timeout_s)
+                tracing.current().frame("recv", source, span_ns, frame.kind, frame.step,
+                                        frame.microbatch, frame.array.nbytes)
+                self.inbox.put(source, frame)
         except ChannelClosed:
             self.inbox.fail(PeerClosed(f"{source} closed its pipe (the process exited?)"),
                             None if fatal else source)

@@ -69,6 +69,7 @@ class Init(Message):
     state_source: str = "init"
     state_root: int = 0
     snapshots: bool = False
+    trace_dir: str | None = None  # record a trace (--trace) and write it there at exit
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,9 @@ from pipetrain.runtime.inbox import InboxFailure
 from pipetrain.runtime.launcher import LogPath, WorkerHandle
 from pipetrain.runtime.topology import PIPELINE_LINKS, Grid
 from pipetrain.runtime.transport import redirect_output
-from pipetrain.runtime.worker import CONTROL, Worker, leftover_threads
+from pipetrain.runtime.worker import CONTROL, Worker
 from pipetrain.status import ExitCode
+from pipetrain.threads import leftover_threads
 from pipetrain.wire.channel import Channel, ChannelClosed, ChannelTimeout
 from pipetrain.wire.frames import Frame, Kind, ProtocolError
 from pipetrain.wire.mpi_channel import MpiChannel

@@ -159,3 +159,14 @@ def signal_control() -> Iterator[SignalControl]:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         control.close()
+
+
+# A terminal's Ctrl-C and Ctrl-Z reach the whole foreground process group; in a worker they
+# would kill or stop one stage behind the coordinator's back.
+IGNORED_SIGNALS = (signal.SIGINT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+
+
+def ignore_job_control() -> None:
+    """In a worker: leave the terminal's interrupt and job-control stops to the coordinator."""
+    for sig in IGNORED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

@@ -31,6 +31,7 @@ from collections.abc import Callable
 import crc32c
 import numpy as np
 
+from pipetrain import tracing
 from pipetrain.hooks import Place
 from pipetrain.runtime.background import JobThread
 from pipetrain.runtime.topology import Grid, Position
@@ -86,6 +87,9 @@ class Region:
                                 f"{size} (another model or stage split?)")
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._used = layout[-1][3] + _nbytes(layout[-1]) if layout else 0
+        # Per slot, its arrays as views of the mapping, made once: building them for every
+        # copy cost more than copying a small model's state (dropped before the map closes).
+        self._targets: dict[int, list[tuple[str, np.ndarray]]] = {}
         if create:
             _HEAD.pack_into(self._map, 0, MAGIC, SLOTS, len(layout_text), self.slot_bytes)
             self._map[_LAYOUT_AT:_LAYOUT_AT + len(layout_text)] = layout_text
@@ -139,17 +143,24 @@ class Region:
         free = [i for i, (state, _, _) in enumerate(slots) if state != VALID]
         index = free[0] if free else min(range(SLOTS), key=lambda i: slots[i][2])
         self._mark(index, WRITING, 0, -1)
+        for name, target in self._targets_of(index):
+            np.copyto(target, arrays[name])
         view = self._bytes(index)
         try:
-            for name, dtype, shape, offset in self.layout:
-                target = np.frombuffer(view, dtype=dtype, count=int(np.prod(shape)),
-                                       offset=offset).reshape(shape)
-                np.copyto(target, arrays[name])
-                del target
             crc = crc32c.crc32c(view)
         finally:
             view.release()
         self._mark(index, VALID, crc, step)
+
+    def _targets_of(self, index: int) -> list[tuple[str, np.ndarray]]:
+        targets = self._targets.get(index)
+        if targets is None:
+            start = self.data_at + index * self.slot_bytes
+            targets = self._targets[index] = [
+                (name, np.frombuffer(self._map, dtype=dtype, count=int(np.prod(shape)),
+                                     offset=start + offset).reshape(shape))
+                for name, dtype, shape, offset in self.layout]
+        return targets
 
     def read(self, step: int) -> dict[str, np.ndarray]:
         """Copies of the arrays of the valid slot of ``step``, checksum verified."""
@@ -175,6 +186,7 @@ class Region:
                 self._mark(index, EMPTY, 0, -1)
 
     def close(self) -> None:
+        self._targets.clear()  # no view may outlive the mapping (mmap refuses to close)
         if self._map is not None:
             self._map.close()
             self._map = None
@@ -220,4 +232,5 @@ class SnapshotThread(JobThread):
 
     def run_job(self, step: int) -> None:
         self._before_copy(step)
-        self.region.write(step, self._state())
+        with tracing.current().span("snapshot", tracing.SNAPSHOT, {"step": step}):
+            self.region.write(step, self._state())

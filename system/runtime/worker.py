@@ -37,34 +37,28 @@ import sys
 import threading
 import time
 import traceback
-from pathlib import Path
 
 import numpy as np
 
-from pipetrain import hooks
-from pipetrain.nn.digest import array_digest, combine
+from pipetrain import hooks, tracing
 from pipetrain.pipeline.stage import UPSTREAM
-from pipetrain.run import checkpoint
-from pipetrain.run.storage import StorageError
 from pipetrain.runtime import messages
 from pipetrain.runtime.background import JobFailed
 from pipetrain.runtime.courier import Courier
 from pipetrain.runtime.inbox import Inbox, InboxClosed, InboxFailure, PeerClosed, Receivers
 from pipetrain.runtime.proctitle import set_title, stage_title
+from pipetrain.runtime.signals import ignore_job_control
 from pipetrain.runtime.snapshot import peek_steps
 from pipetrain.runtime.topology import Position
 from pipetrain.runtime.transport import PipeTransport, Transport, die_with_parent
 from pipetrain.runtime.worker_setup import Parts, build_parts, receive_frame
 from pipetrain.status import ExitCode
-from pipetrain.threads import start_helper
+from pipetrain.threads import leftover_threads, start_helper
 from pipetrain.wire.channel import Channel, ChannelClosed
 from pipetrain.wire.frames import Kind, ProtocolError
 from pipetrain.wire.pipe import PipeChannel
 
 CONTROL = "control"
-# A terminal's Ctrl-C and Ctrl-Z reach the whole foreground process group; in a worker they
-# would kill or stop one stage behind the coordinator's back.
-IGNORED_SIGNALS = (signal.SIGINT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 
 
 class Worker:
@@ -130,13 +124,17 @@ class Worker:
     def run_step(self, step: int) -> None:
         parts = self.parts
         stage, place, hooks_now = parts.stage, parts.place, hooks.current()
+        trace = tracing.current()
         hooks_now.before_step(place, step)
         self._leave_if_terminated()
         started = time.perf_counter()
+        step_ns = trace.start()
         waited = 0.0
         # begin_step swaps in the gradient arrays of two steps ago: they must be hashed by now
         # (they have had a whole step; this returns at once unless hashing fell behind).
+        span_ns = trace.start()
         parts.digester.wait(at_most_pending=1)
+        trace.end("wait digester", tracing.WAIT, span_ns)
         stage.begin_step(step)
         for action in parts.actions:
             hooks_now.before_action(place, step, action)
@@ -145,27 +143,36 @@ class Worker:
             received = None
             if source is not None:
                 wait_start = time.perf_counter()
+                span_ns = trace.start()
                 expected = Kind.ACTIVATION if source == UPSTREAM else Kind.GRADIENT
                 received = receive_frame(self.inbox, source, expected, step, action.microbatch,
-                                         what=str(action), interrupted=self.alive,
-                                         name=self.name)
+                                         what=action, interrupted=self.alive, name=self.name)
                 waited += time.perf_counter() - wait_start
+                trace.waited(source, action, span_ns)
             self.alive()
+            span_ns = trace.start()
             outgoing = stage.execute(action, received)
+            trace.action(action, step, span_ns)
             if outgoing is not None:
                 self.send_to(outgoing.direction, outgoing.kind, step, outgoing.microbatch,
                              outgoing.array)
         reduce_s = 0.0
         if parts.reducer is not None:  # most of the all-reduce ran during backward already
             wait_start = time.perf_counter()
+            span_ns = trace.start()
             parts.reducer.wait(interrupted=self.alive)
             reduce_s = time.perf_counter() - wait_start
+            trace.end("wait all-reduce", tracing.WAIT, span_ns)
         parts.digester.submit(step, parts.digest_share())
+        span_ns = trace.start()
         parts.wait_snapshot()  # the copy of the last step's state reads what the update writes
+        trace.end("wait snapshot", tracing.WAIT, span_ns)
+        span_ns = trace.start()
         stage.apply_update()
+        trace.end("update", tracing.COMPUTE, span_ns, {"step": step})
         hooks_now.after_update(place, step, stage)
-        parts.snapshot(step)
         elapsed = time.perf_counter() - started
+        trace.end(f"step {step}", tracing.STEP, step_ns, {"step": step})
         data_wait, depth = None, None
         if parts.loader is not None:
             stats = parts.loader.stats()
@@ -177,23 +184,26 @@ class Worker:
             compute_s=elapsed - waited - reduce_s - (data_wait or 0.0),
             wait_neighbours_s=waited, allreduce_s=reduce_s, wait_data_s=data_wait,
             loader_depth=depth))
+        parts.snapshot(step)  # after the reply: the copy must not delay the next step's start
 
     def _leave_if_terminated(self) -> None:
-        """A SIGTERM that arrived before a step or an action ends the worker there, before
-        that work starts: otherwise whether the work got done would depend on whether its
-        input happened to be queued already (a queued frame is taken without looking at the
-        flag), and the same signal at the same point could end the step or not."""
+        """A SIGTERM before a step or an action ends the worker there, before that work
+        starts: else whether it got done would depend on whether its input was queued already
+        (a queued frame is taken without looking at the flag)."""
         if self.terminate:
             raise InterruptedError("SIGTERM")
 
     def send_to(self, direction: str, kind: Kind, step: int, index: int,
                 data: np.ndarray) -> None:
         self.sending = True
+        trace = tracing.current()
+        span_ns = trace.start()
         try:
             self.parts.channels[direction].send_frame(kind, step, index, data,
                                                       timeout_s=self.parts.op_timeout_s)
         finally:
             self.sending = False
+            trace.frame("send", direction, span_ns, kind, step, index, data.nbytes)
             self.alive()
 
     def send_params(self) -> None:
@@ -203,23 +213,6 @@ class Worker:
                                     messages.encode(messages.ParamsFollow(names=stage.names)))
             for position, name in enumerate(stage.names):
                 self.control.send_frame(Kind.PARAMETER, 0, position, stage.params[name])
-
-    def write_checkpoint(self, command: messages.WriteCheckpoint) -> None:
-        """Replica 0 writes the segment; every replica reports a digest of its parameters so
-        the coordinator can check that the replicas have not drifted apart."""
-        stage, parts = self.parts.stage, self.parts
-        params_digest = combine(array_digest(stage.params[name]) for name in stage.names)
-        file = sha256 = None
-        if parts.place.replica == 0:
-            try:
-                file, sha256 = checkpoint.write_segment(Path(command.directory), stage.index,
-                                                        stage.params,
-                                                        stage.optimizer.state_dict())
-            except StorageError as exc:  # a full disk is the run's problem: say so, go on
-                self.reply(messages.Checkpointed(params_digest=params_digest, error=str(exc)))
-                return
-        hooks.current().checkpoint_phase(parts.place, command.step, "segment_written")
-        self.reply(messages.Checkpointed(params_digest=params_digest, file=file, sha256=sha256))
 
     # -- recovery ----------------------------------------------------------------------------
 
@@ -296,7 +289,7 @@ class Worker:
                     case messages.SendParams():
                         self.send_params()
                     case messages.WriteCheckpoint() as command:
-                        self.write_checkpoint(command)
+                        self.reply(self.parts.write_checkpoint(command))
                     case messages.Stop():
                         self.stopped = True
                         return ExitCode.OK
@@ -350,17 +343,6 @@ class Worker:
         close = getattr(self.transport, "close", None)
         if close is not None:
             close()
-
-
-def leftover_threads(allowed: tuple[str, ...] = ()) -> list[str]:
-    """Threads still alive besides the main thread (and those named in ``allowed``)."""
-    return [t.name for t in threading.enumerate()
-            if t is not threading.main_thread() and t.name not in allowed]
-
-
-def ignore_job_control() -> None:
-    for sig in IGNORED_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
 
 
 def main(argv: list[str] | None = None) -> int:

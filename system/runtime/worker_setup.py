@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,14 +22,16 @@ from typing import Any
 
 import numpy as np
 
-from pipetrain import hooks
+from pipetrain import hooks, tracing
 from pipetrain.config import TrainConfig, build_config
 from pipetrain.data.loader import Loader, MicroBatch
 from pipetrain.data.workload import Workload, prepare
+from pipetrain.nn.digest import array_digest, combine
 from pipetrain.pipeline.partition import stage_pieces
 from pipetrain.pipeline.schedule import Action
 from pipetrain.pipeline.stage import Stage
 from pipetrain.run import checkpoint
+from pipetrain.run.storage import StorageError
 from pipetrain.runtime import messages
 from pipetrain.runtime.background import DigestReport, DigestThread, ReduceThread
 from pipetrain.runtime.courier import close_all
@@ -40,8 +43,8 @@ from pipetrain.wire.channel import Channel
 from pipetrain.wire.frames import Kind, ProtocolError
 
 
-def receive_frame(inbox: Inbox, source: str, kind: Kind, step: int, index: int, *, what: str,
-                  interrupted: Callable[[], bool], name: str) -> np.ndarray:
+def receive_frame(inbox: Inbox, source: str, kind: Kind, step: int, index: int, *,
+                  what: object, interrupted: Callable[[], bool], name: str) -> np.ndarray:
     """The next frame from ``source``, which must be the expected one (links keep order)."""
     frame = inbox.get(source, interrupted=interrupted)
     if (frame.kind, frame.step, frame.microbatch) != (kind, step, index):
@@ -99,6 +102,24 @@ class Parts:
     def next_microbatch(self, step: int, microbatch: int) -> MicroBatch:
         self.alive()
         return self.loader.get(step, microbatch)
+
+    def write_checkpoint(self, command: messages.WriteCheckpoint) -> messages.Checkpointed:
+        """Replica 0 writes the segment; every replica reports a digest of its parameters so
+        the coordinator can check that the replicas have not drifted apart."""
+        stage = self.stage
+        span_ns = tracing.current().start()
+        params_digest = combine(array_digest(stage.params[name]) for name in stage.names)
+        file = sha256 = None
+        if self.place.replica == 0:
+            try:
+                file, sha256 = checkpoint.write_segment(Path(command.directory), stage.index,
+                                                        stage.params,
+                                                        stage.optimizer.state_dict())
+            except StorageError as exc:  # a full disk is the run's problem: say so, go on
+                return messages.Checkpointed(params_digest=params_digest, error=str(exc))
+        hooks.current().checkpoint_phase(self.place, command.step, "segment_written")
+        tracing.current().end("checkpoint", tracing.CHECKPOINT, span_ns, {"step": command.step})
+        return messages.Checkpointed(params_digest=params_digest, file=file, sha256=sha256)
 
     # -- pieces that recovery rebuilds -------------------------------------------------------
 
@@ -263,7 +284,13 @@ def build_parts(init: messages.Init, transport: Any, inbox: Inbox, report_digest
     pieces = stage_pieces(init.layers, init.stage, init.num_stages)
     is_first, is_last = init.stage == 0, init.stage == init.num_stages - 1
     fds = transport.take(init.fds)
+    if init.trace_dir:  # --trace: this process's spans, written when its parts close
+        tracing.install(tracing.Recorder(
+            init.trace_dir, f"stage-{init.stage}-replica-{init.replica}-{os.getpid()}",
+            f"stage {init.stage} replica {init.replica}",
+            sort_index=1 + init.stage * 100 + init.replica))
     with contextlib.ExitStack() as undo:
+        undo.callback(_write_trace)  # first in, so last out: after every thread has stopped
         undo.callback(lambda: close_all(fds))  # what was not taken over by the end
         workload = prepare(config.data_spec()) if is_first or is_last else None
         digester = DigestThread(report_digests)
@@ -313,6 +340,11 @@ def build_parts(init: messages.Init, transport: Any, inbox: Inbox, report_digest
         parts.snapshot(init.start_step)
         parts._undo = undo.pop_all()
     return parts
+
+
+def _write_trace() -> None:
+    with contextlib.suppress(OSError):  # a trace is worth keeping, never worth failing for
+        tracing.current().write()
 
 
 def _new_region(place: hooks.Place, arrays: dict[str, np.ndarray]) -> Region | None:

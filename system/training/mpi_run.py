@@ -47,7 +47,7 @@ from pathlib import Path
 
 from pipetrain.config import ConfigError, TrainConfig
 from pipetrain.runtime.mpi_launcher import FAILED_STOP_GRACE_S, MpiLauncher, MpiWorld, serve_rank
-from pipetrain.runtime.worker import ignore_job_control
+from pipetrain.runtime.signals import ignore_job_control
 from pipetrain.status import ExitCode
 from pipetrain.threads import CONTROL_SIGNALS
 from pipetrain.wire.mpi_hub import import_mpi

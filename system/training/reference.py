@@ -23,7 +23,7 @@ from pipetrain.nn import (
     make_optimizer,
     softmax_cross_entropy,
 )
-from pipetrain.nn.digest import grad_digest
+from pipetrain.nn.digest import DIGEST, grad_digest
 from pipetrain.pipeline.stage import ModelSpec
 from pipetrain.run.metrics import EpochLosses
 from pipetrain.run.observers import observe
@@ -80,7 +80,7 @@ def run_reference(config: TrainConfig, run_dir: Path, *, quiet: bool = False,
         observe(run, quiet=quiet, tensorboard=tensorboard)
         run.update_state(
             command="reference", state=RunState.RUNNING, config=config.to_json(),
-            config_digest=config.math_digest(), step=0, epoch=0,
+            config_digest=config.math_digest(), grad_digest_hash=DIGEST, step=0, epoch=0,
             total_steps=workload.total_steps,
         )
         save_params(run.path / "initial.npz", params)

@@ -23,9 +23,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pipetrain import hooks
+from pipetrain import hooks, tracing
 from pipetrain.config import TrainConfig
 from pipetrain.data.workload import Workload
+from pipetrain.nn.digest import DIGEST
 from pipetrain.run import checkpoint
 from pipetrain.run.lock import start_ticks
 from pipetrain.run.metrics import EpochLosses
@@ -33,7 +34,9 @@ from pipetrain.run.observers import observe
 from pipetrain.run.progress import Progress
 from pipetrain.run.rundir import RunDir, read_events, save_params
 from pipetrain.run.storage import StorageError
-from pipetrain.runtime.coordinator import Aborted, Coordinator
+from pipetrain.run.trace_file import finish_recording, start_recording
+from pipetrain.runtime.control_loop import Aborted
+from pipetrain.runtime.coordinator import Coordinator
 from pipetrain.runtime.courier import CourierError
 from pipetrain.runtime.diagnosis import StartupFailed, WorkerFailed
 from pipetrain.runtime.launcher import Launcher, PipeLauncher
@@ -83,7 +86,8 @@ class TrainingRun:
         if self.last_checkpoint_step == step:
             return
         epoch = step // self.workload.steps_per_epoch
-        path = self.coordinator.checkpoint(step, epoch)
+        with tracing.current().span("checkpoint", tracing.CHECKPOINT, {"step": step}):
+            path = self.coordinator.checkpoint(step, epoch)
         checkpoint.prune(self.run.checkpoints, self.config.keep_checkpoints)
         self.last_checkpoint_step = step
         relative = str(path.relative_to(self.run.path))
@@ -231,6 +235,7 @@ class TrainingRun:
         steps_per_epoch, total = workload.steps_per_epoch, workload.total_steps
         step = start_step
         started = None  # a step already sent to the workers, ahead of its boundary
+        trace = tracing.current()
         while True:
             # A boundary is acted on only when no step is in flight: a checkpoint or a pause
             # must see the parameters of the step it is labelled with.
@@ -243,15 +248,19 @@ class TrainingRun:
             self.step = step
             epoch = (step - 1) // steps_per_epoch
             if started != step:
-                self.coordinator.start_step(step)
+                self.start_step(step)
+            span_ns = trace.start()
             loss, replies = self.coordinator.finish_step(step)
+            trace.end(f"wait step {step}", tracing.WAIT, span_ns, {"step": step})
             started = None
             if self.may_run_ahead(step):
                 # Start the next step before this one's digests are in: the workers hash the
                 # gradients on helper threads while the next step already runs.
                 started = step + 1
-                self.coordinator.start_step(started)
+                self.start_step(started)
+            span_ns = trace.start()
             digest = self.coordinator.step_digest(step)
+            trace.end("wait digests", tracing.WAIT, span_ns, {"step": step})
             if self.pending_restart is not None:
                 self.report_recovery()
             metrics = [{"stage": worker.index, "replica": worker.replica, **reply.metrics()}
@@ -264,12 +273,17 @@ class TrainingRun:
             if step % steps_per_epoch == 0:
                 run.emit("epoch_end", epoch=epoch, step=step, loss=loss,
                          mean_loss=self.epoch_losses.mean(epoch))
-                scores = held_out_params(self.coordinator.gather_params(), config, workload)
+                with trace.span("evaluate", tracing.CONTROL, {"step": step}):
+                    scores = held_out_params(self.coordinator.gather_params(), config, workload)
                 run.emit("evaluate", epoch=epoch, step=step, **scores)
                 run.update_state(epoch=epoch + 1, accuracy=scores.get("accuracy"),
                                  eval_loss=scores["loss"], durable=False)
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 self.write_checkpoint(step)
+
+    def start_step(self, step: int) -> None:
+        with tracing.current().span("send step", tracing.CONTROL, {"step": step}):
+            self.coordinator.start_step(step)
 
     def may_run_ahead(self, step: int) -> bool:
         """Whether step ``step + 1`` may start before step ``step``'s boundary is handled: only
@@ -312,6 +326,8 @@ def run_training(config: TrainConfig, run_dir: Path, *, quiet: bool = False,
             workload = load_workload(config)
         with RunDir(run_dir) as run:
             set_title(f"pipetrain: coordinator {run_dir}")
+            if config.trace:
+                start_recording(run.path)
             progress = observe(run, quiet=quiet, tensorboard=tensorboard)
             if not signals.installed:
                 print("pipetrain: not on the main thread: running without signal control "
@@ -331,7 +347,8 @@ def _run(training: TrainingRun, resume: bool) -> int:
         checkpoint.remove_stale_temporaries(run.checkpoints)
         run.update_state(
             command="train", state=RunState.STARTING, config=config.to_json(),
-            config_digest=config.math_digest(), coordinator_pid=os.getpid(),
+            config_digest=config.math_digest(), grad_digest_hash=DIGEST,
+            coordinator_pid=os.getpid(),
             coordinator_start_ticks=start_ticks(os.getpid()), worker_pids=[],
             step=start_step, epoch=start_step // workload.steps_per_epoch,
             total_steps=workload.total_steps, segments=[list(b) for b in coordinator.bounds],
@@ -371,3 +388,5 @@ def _run(training: TrainingRun, resume: bool) -> int:
         with contextlib.suppress(StorageError):  # a full disk: the workers still go
             training.report_exits(coordinator.shutdown())
         training.launcher.close()
+        if config.trace:  # every worker has written its file by now (it exited)
+            finish_recording(run.path)

@@ -4,6 +4,7 @@ one repeat) writes results.json with every section, the targets and the plots.""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,7 +12,8 @@ import pytest
 
 from tests.helpers import REPO, cli_env
 
-SECTIONS = ("transport", "training", "loader", "recovery", "startup", "memory")
+SECTIONS = ("transport", "training", "tiny", "loader", "recovery", "startup", "memory")
+OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
 @pytest.mark.timeout(120)
@@ -51,10 +53,30 @@ def test_quick_run_writes_results(tmp_path):
     assert {r["schedule"] for r in rows} == {"gpipe", "1f1b"}
     assert all(len(r["peak_rss_bytes"]) == 2 and all(r["peak_rss_bytes"]) for r in rows)
 
+    # The pipeline runs were traced: each has its ideal pipeline bound, and it is a bound.
+    for name in ("s2-1f1b-m4", "s3-zb-m4"):
+        bound = configs[name]["bound"]
+        assert bound["ideal_step_s"] > 0 and 0 < bound["fraction_of_bound"] <= 1.0, bound
+        assert 0 <= bound["ideal_bubble"] < 1 and bound["per_stage_compute_s"][0] > 0
+    tiny = results["tiny"]
+    for name in ("tiny-ref", "tiny-s1", "tiny-s4"):
+        assert tiny["configs"][name]["ok"] == 1, tiny["configs"][name]
+    assert {"tiny_s1_step_vs_reference", "tiny_s4_step_vs_reference"} <= set(tiny["ratios"])
+
+    # Fair kernels: whatever this machine sets for OpenBLAS, the suite's processes ran
+    # without it (and say which kernel they got); the test itself changes nothing.
+    had = {var: os.environ[var] for var in OVERRIDES if var in os.environ}
+    blas = meta["machine"]["blas_environment"]
+    assert blas["machine_had"] == had and blas["benchmark_processes_run_with"] == {}
+    assert blas["fair"] is True
+    assert meta["machine"]["kernels"]["numpy_kernel"]
+    assert meta["machine"]["blas"]["architecture"] == meta["machine"]["kernels"]["numpy_kernel"]
+
     names = {t["name"] for t in results["targets"]}
     assert {"frames_vs_raw_1mib", "frames_vs_raw_8mib", "s2_vs_reference_1t",
-            "s2_vs_torch_1f1b", "r2_vs_torch_ddp", "zb_vs_1f1b_s2", "zb_vs_1f1b_s3",
-            "loader_stall_share", "recovery_median_s"} == names
+            "s2_vs_torch_1f1b", "s2_fraction_of_bound", "r2_vs_torch_ddp", "zb_vs_1f1b_s2",
+            "zb_vs_1f1b_s3", "interleaved_vs_1f1b_s2_m8", "tiny_s1_step_vs_reference",
+            "tiny_s4_step_vs_reference", "loader_stall_share", "recovery_median_s"} == names
     for plot in results["plots"]:
         assert (out / plot).stat().st_size > 0
     markdown = (out / "results.md").read_text()

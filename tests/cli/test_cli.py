@@ -72,7 +72,7 @@ def test_reference_default_config_learns_digits(tmp_path):
     steps = [e for e in log if e["event"] == "step"]
     assert [e["step"] for e in steps] == list(range(1, state["total_steps"] + 1))
     assert state["total_steps"] == 20 * ((1797 - int(1797 * 0.2)) // 64)
-    assert all(np.isfinite(e["loss"]) and len(e["grad_digest"]) == 64 for e in steps)
+    assert all(np.isfinite(e["loss"]) and len(e["grad_digest"]) == 32 for e in steps)
     evaluations = [e for e in log if e["event"] == "evaluate"]
     assert len(evaluations) == 20
     assert evaluations[-1]["accuracy"] >= 0.95
