@@ -195,8 +195,9 @@ def _key(a: Action) -> Key:
     return (a.segment, a.op, a.microbatch)
 
 
-def _deps(a: Action, num_pieces: int) -> list[tuple[Key, ...]]:
-    """Dependencies of ``a``: each entry is a group of alternatives (any one suffices)."""
+def dependencies(a: Action, num_pieces: int) -> list[tuple[Key, ...]]:
+    """Dependencies of ``a``: each entry is a group of alternatives (any one suffices). The one
+    rule that ``simulate``, ``validate`` and the ideal pipeline of a trace all replay."""
     k, op, m = _key(a)
     if op == F:
         return [((k - 1, F, m),)] if k > 0 else []
@@ -240,7 +241,7 @@ def simulate(schedule: Sequence[Sequence[Action]],
             while pos[s] < len(schedule[s]):
                 a = schedule[s][pos[s]]
                 ts = [min((done[d] for d in grp if d in done), default=None)
-                      for grp in _deps(a, pieces)]
+                      for grp in dependencies(a, pieces)]
                 if None in ts:
                     break
                 start[a] = max([free[s], *ts])
@@ -251,7 +252,7 @@ def simulate(schedule: Sequence[Sequence[Action]],
     if stuck:
         why = "; ".join(
             f"stage {s} stuck at {a} waiting for "
-            + " and ".join("/".join(map(_name, g)) for g in _deps(a, pieces)
+            + " and ".join("/".join(map(_name, g)) for g in dependencies(a, pieces)
                            if not any(d in done for d in g))
             for s, a in stuck)
         raise ScheduleError(f"deadlock: no stage can advance; {why}")

@@ -101,7 +101,7 @@ def simulate(stage_actions: Sequence[Sequence[Action]], cost: Callable[[Action],
             while pos[s] < len(stage_actions[s]):
                 action = stage_actions[s][pos[s]]
                 ready = [min((done[d] for d in group if d in done), default=None)
-                         for group in schedules._deps(action, pieces)]
+                         for group in schedules.dependencies(action, pieces)]
                 if None in ready:
                     break
                 start[action] = max([free[s], *ready])
