@@ -138,6 +138,7 @@ class Parts:
                              need_y=stage.is_last, threads=config.loader_threads,
                              prefetch=config.prefetch, augment=config.augmentation,
                              seed=config.seed, dtype=np.dtype(config.dtype), place=self.place)
+        self.loader.hold_slots()  # given back after each StepDone (release_loader_slots)
         self.loader.start(first_step, self.workload.total_steps)
 
     def open_links(self, links: dict[str, dict[str, Any]], grid: Grid) -> None:
@@ -175,6 +176,10 @@ class Parts:
             channel.close()
         self.inbox.discard(list(self.channels))
         self.channels.clear()
+
+    def release_loader_slots(self) -> None:
+        if self.loader is not None:
+            self.loader.release_taken()
 
     def stop_loader(self) -> None:
         if self.loader is not None:
