@@ -104,11 +104,12 @@ class PipeChannel(Channel):
                                 f"maximum of {self.max_frame_bytes}")
         header = encode_header(kind, step, microbatch, array)
         self.write_buffers([memoryview(header), byte_view(array)], deadline, timeout_s,
-                           describe(kind, step, microbatch))
+                           lambda: describe(kind, step, microbatch))
 
     def write_buffers(self, buffers: list[memoryview], deadline: float | None,
-                      timeout_s: float | None, what: str) -> None:
-        """Write ``buffers`` completely (one frame's bytes), or fail with a clear error.
+                      timeout_s: float | None, what: str | Callable[[], str]) -> None:
+        """Write ``buffers`` completely (one frame's bytes), or fail with a clear error
+        naming ``what`` (a callable: formatted only then).
 
         Public for a channel wrapped at the ``wrap_channel`` hook (the harness's link faults
         send frames whose bytes were damaged on purpose); everything else sends with
@@ -121,6 +122,8 @@ class PipeChannel(Channel):
             try:
                 n = os.writev(fd, pending)
             except BlockingIOError:  # pipe full: wait for the reader to drain it
+                if callable(what):
+                    what = what()
                 try:
                     self._wait(self._tx_poll, deadline, timeout_s,
                                f"send {what} (sent {sent} of {total} bytes)")
