@@ -8,7 +8,9 @@ original exception (a lost replica stays recognisable as a ``PeerClosed`` cause)
 * :class:`DigestThread` hashes a step's finished gradients and reports the digests. The stage
   accumulates the next step into a second set of gradient arrays meanwhile
   (``Segment.swap_grad_buffers``), and hashlib releases the GIL on large buffers, so hashing
-  runs beside the next step's compute on whichever core is idle.
+  runs beside the next step's compute on whichever core is idle. A stage whose gradients are
+  small (:data:`INLINE_DIGEST_BYTES`) hashes them on the main thread instead, right after its
+  ``StepDone`` (:class:`InlineDigester`): there the hand-off cost more than the hashing.
 * :class:`ReduceThread` sums each layer's gradients with the other replicas
   (:func:`pipetrain.wire.allreduce.chain_allreduce_parts`) as soon as the stage reports the
   layer final (``Stage.on_grads_final``, last layer first), while the main thread computes the
@@ -118,10 +120,63 @@ class DigestThread(JobThread):
         self.enqueue((step, arrays))
 
     def run_job(self, job: tuple[int, list[np.ndarray | None]]) -> None:
-        step, arrays = job
-        with tracing.current().span("digest", tracing.DIGEST, {"step": step}):
-            digests = [None if a is None else array_digest(a).hex() for a in arrays]
-        self._report(step, digests)
+        _hash_and_report(job, self._report)
+
+    def flush(self) -> None:
+        """Nothing to do: the thread hashes as soon as a step is submitted."""
+
+
+def _hash_and_report(job: tuple[int, list[np.ndarray | None]], report: DigestReport) -> None:
+    step, arrays = job
+    with tracing.current().span("digest", tracing.DIGEST, {"step": step}):
+        digests = [None if a is None else array_digest(a).hex() for a in arrays]
+    report(step, digests)
+
+
+# Gradients up to this size are hashed on the main thread: XXH3 takes about 1 us per 10 KiB
+# here, while handing a step to the digester thread (a wake-up, then the GIL going back and
+# forth) took about 70 us of the main thread's step on a tiny model (py-spy, issue 19).
+INLINE_DIGEST_BYTES = 256 * 1024
+
+
+class InlineDigester:
+    """The :class:`DigestThread` interface without a thread, for a stage whose gradients are
+    small: ``submit`` keeps the step, and :meth:`flush` (the worker calls it right after its
+    ``StepDone``, so the hashing stays off the reply's path) or any ``wait`` hashes and reports
+    it. The arrays are the same ones a thread would hash: the stage leaves them alone until
+    the step after next (``Segment.swap_grad_buffers``)."""
+
+    def __init__(self, report: DigestReport) -> None:
+        self._report = report
+        self._job: tuple[int, list[np.ndarray | None]] | None = None
+
+    def submit(self, step: int, arrays: list[np.ndarray | None]) -> None:
+        self.flush()
+        self._job = (step, arrays)
+
+    def flush(self) -> None:
+        job, self._job = self._job, None
+        if job is None:
+            return
+        try:
+            _hash_and_report(job, self._report)
+        except Exception as exc:  # the same as the thread's failure: a JobFailed with a cause
+            raise JobFailed(f"digester: {type(exc).__name__}: {exc}") from exc
+
+    def wait(self, at_most_pending: int = 0, *,
+             interrupted: Callable[[], bool] = lambda: False) -> None:
+        if at_most_pending == 0:
+            self.flush()
+
+    def close(self) -> None:
+        self._job = None  # as the thread does with a job not started yet
+
+
+def make_digester(report: DigestReport, grad_bytes: int) -> DigestThread | InlineDigester:
+    """Inline for small gradients (:data:`INLINE_DIGEST_BYTES`), else a thread."""
+    if grad_bytes <= INLINE_DIGEST_BYTES:
+        return InlineDigester(report)
+    return DigestThread(report)
 
 
 # (step) -> the chain's send/receive callables for that step's frames

@@ -53,6 +53,7 @@ class ControlLoop:
         self._done: dict[int, dict[int, messages.StepDone]] = {}
         self._digests: dict[int, dict[int, list[str | None]]] = {}
         self._last_tick: float | None = None  # the loop last ran at this time
+        self._poll_cache: tuple[tuple, select.poll] | None = None  # (fds, poll set): _poller
 
     # -- messages ----------------------------------------------------------------------------
 
@@ -97,11 +98,7 @@ class ControlLoop:
         workers = self.workers if workers is None else workers
         on_failed = on_failed or self._raise_failed
         by_fd = {worker.control.fileno(): worker for worker in workers}
-        poller = select.poll()
-        for fd in by_fd:
-            poller.register(fd, select.POLLIN)
-        if self.signals is not None:
-            poller.register(self.signals.fileno(), select.POLLIN)
+        poller = self._poller(tuple(by_fd))
         self._tick(0.0)
         while not done():
             timeout_ms = self._heartbeat_poll_ms(workers)
@@ -126,6 +123,20 @@ class ControlLoop:
                         handle(worker, message)
             self._check_heartbeats(workers)
         self._tick(0.0)
+
+    def _poller(self, fds: tuple[int, ...]) -> select.poll:
+        """A poll set of ``fds`` and the signal pipe; the last one is kept, since a step's
+        two waits (results, digests) poll the same channels (poll registers fd numbers)."""
+        key = (fds, self.signals.fileno() if self.signals is not None else None)
+        if self._poll_cache is not None and self._poll_cache[0] == key:
+            return self._poll_cache[1]
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        if key[1] is not None:
+            poller.register(key[1], select.POLLIN)
+        self._poll_cache = (key, poller)
+        return poller
 
     def _raise_failed(self, worker: WorkerHandle, message: messages.Message) -> None:
         if message.consequence:

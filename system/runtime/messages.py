@@ -245,11 +245,27 @@ _FIELDS = {cls: ({f.name for f in dataclasses.fields(cls)},
            for cls in MESSAGES.values()}
 
 
+# Field names in order, per class: encode reads them directly.
+_NAMES = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in MESSAGES.values()}
+
+
+def _nested(value: object) -> dict:
+    """json.dumps' fallback: a dataclass inside a field, as ``asdict`` would have made it."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    raise TypeError(f"cannot encode {type(value).__name__} in a control message")
+
+
 def encode(message: Message) -> np.ndarray:
     """The CONTROL payload of ``message``: UTF-8 JSON as a uint8 array (NaN allowed, so a
-    diverged loss can still be reported)."""
-    body = {"type": message.TYPE, **dataclasses.asdict(message)}
-    text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+    diverged loss can still be reported). The fields are read one level deep, not through
+    ``dataclasses.asdict`` (its recursive copy was 3-5x the whole encode for a StepDone, sent
+    every step); the JSON is byte for byte the same."""
+    body = {"type": message.TYPE}
+    names = _NAMES.get(type(message)) or tuple(f.name for f in dataclasses.fields(message))
+    for name in names:
+        body[name] = getattr(message, name)
+    text = json.dumps(body, separators=(",", ":"), ensure_ascii=False, default=_nested)
     return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy()
 
 

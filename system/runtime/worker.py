@@ -11,11 +11,11 @@
 
 Receiver threads (``pipetrain.runtime.inbox``) read every inbound channel ahead into the inbox;
 the main thread runs the schedule's actions for each ``Step`` and sends frames itself; helper
-threads hash the gradients and, in a replicated stage, all-reduce them
-(``pipetrain.runtime.background``); a heartbeat thread reports liveness. The first control
-message (:class:`~pipetrain.runtime.messages.Init`) says who the worker is; what it builds from
-it is in ``pipetrain.runtime.worker_setup``. How links are opened is the transport's
-(:class:`Transport`: pipe fds here, MPI ranks in ``pipetrain.runtime.mpi_launcher``).
+threads hash the gradients (a small stage hashes them itself) and, in a replicated stage,
+all-reduce them (``pipetrain.runtime.background``); a heartbeat thread reports liveness. The
+first control message (:class:`~pipetrain.runtime.messages.Init`) says who the worker is;
+what it builds from it is in ``pipetrain.runtime.worker_setup``. How links are opened is the
+transport's (:class:`Transport`: pipe fds here, MPI ranks in ``pipetrain.runtime.mpi_launcher``).
 
 Started by the pipe launcher as ``python -P -m pipetrain.runtime.worker CONTROL_IN CONTROL_OUT
 COURIER``; links and snapshot regions come on the courier (``pipetrain.runtime.courier``).
@@ -184,6 +184,8 @@ class Worker:
             compute_s=elapsed - waited - reduce_s - (data_wait or 0.0),
             wait_neighbours_s=waited, allreduce_s=reduce_s, wait_data_s=data_wait,
             loader_depth=depth))
+        parts.release_loader_slots()  # the loaders make the next step's items meanwhile
+        parts.digester.flush()  # a small stage's digest, hashed here: after the reply too
         parts.snapshot(step)  # after the reply: the copy must not delay the next step's start
 
     def _leave_if_terminated(self) -> None:

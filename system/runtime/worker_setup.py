@@ -33,7 +33,13 @@ from pipetrain.pipeline.stage import Stage
 from pipetrain.run import checkpoint
 from pipetrain.run.storage import StorageError
 from pipetrain.runtime import messages
-from pipetrain.runtime.background import DigestReport, DigestThread, ReduceThread
+from pipetrain.runtime.background import (
+    DigestReport,
+    DigestThread,
+    InlineDigester,
+    ReduceThread,
+    make_digester,
+)
 from pipetrain.runtime.courier import close_all
 from pipetrain.runtime.inbox import Inbox, InboxClosed, Receivers
 from pipetrain.runtime.snapshot import Region, SnapshotError, SnapshotThread, region_name
@@ -78,7 +84,7 @@ class Parts:
     transport: Any
     alive: Callable[[], bool]
     op_timeout_s: float
-    digester: DigestThread
+    digester: DigestThread | InlineDigester
     loader: Loader | None = None
     reducer: ReduceThread | None = None
     channels: dict[str, Channel] = field(default_factory=dict)
@@ -132,6 +138,7 @@ class Parts:
                              need_y=stage.is_last, threads=config.loader_threads,
                              prefetch=config.prefetch, augment=config.augmentation,
                              seed=config.seed, dtype=np.dtype(config.dtype), place=self.place)
+        self.loader.hold_slots()  # given back after each StepDone (release_loader_slots)
         self.loader.start(first_step, self.workload.total_steps)
 
     def open_links(self, links: dict[str, dict[str, Any]], grid: Grid) -> None:
@@ -169,6 +176,10 @@ class Parts:
             channel.close()
         self.inbox.discard(list(self.channels))
         self.channels.clear()
+
+    def release_loader_slots(self) -> None:
+        if self.loader is not None:
+            self.loader.release_taken()
 
     def stop_loader(self) -> None:
         if self.loader is not None:
@@ -293,14 +304,15 @@ def build_parts(init: messages.Init, transport: Any, inbox: Inbox, report_digest
         undo.callback(_write_trace)  # first in, so last out: after every thread has stopped
         undo.callback(lambda: close_all(fds))  # what was not taken over by the end
         workload = prepare(config.data_spec()) if is_first or is_last else None
-        digester = DigestThread(report_digests)
-        undo.callback(digester.close)
         stage = Stage(model=config.model_spec(), index=init.stage, num_stages=init.num_stages,
                       pieces=pieces, num_pieces=init.num_stages * config.pieces_per_stage,
                       source=(lambda step, mb: parts.next_microbatch(step, mb))
                       if workload else None,
                       on_grads_final=lambda step, grads: parts.reducer.submit(step, grads),
                       replica=init.replica)
+        digester = make_digester(report_digests,
+                                 sum(array.nbytes for array in stage.params.values()))
+        undo.callback(digester.close)
         actions = config.build_schedule()
         parts = Parts(place=place, config=config, workload=workload, stage=stage,
                       actions=actions[init.stage], inbox=inbox, transport=transport,

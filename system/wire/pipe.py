@@ -14,6 +14,7 @@ import math
 import os
 import select
 import time
+from collections.abc import Callable
 
 import crc32c
 import numpy as np
@@ -103,11 +104,12 @@ class PipeChannel(Channel):
                                 f"maximum of {self.max_frame_bytes}")
         header = encode_header(kind, step, microbatch, array)
         self.write_buffers([memoryview(header), byte_view(array)], deadline, timeout_s,
-                           describe(kind, step, microbatch))
+                           lambda: describe(kind, step, microbatch))
 
     def write_buffers(self, buffers: list[memoryview], deadline: float | None,
-                      timeout_s: float | None, what: str) -> None:
-        """Write ``buffers`` completely (one frame's bytes), or fail with a clear error.
+                      timeout_s: float | None, what: str | Callable[[], str]) -> None:
+        """Write ``buffers`` completely (one frame's bytes), or fail with a clear error
+        naming ``what`` (a callable: formatted only then).
 
         Public for a channel wrapped at the ``wrap_channel`` hook (the harness's link faults
         send frames whose bytes were damaged on purpose); everything else sends with
@@ -120,6 +122,8 @@ class PipeChannel(Channel):
             try:
                 n = os.writev(fd, pending)
             except BlockingIOError:  # pipe full: wait for the reader to drain it
+                if callable(what):
+                    what = what()
                 try:
                     self._wait(self._tx_poll, deadline, timeout_s,
                                f"send {what} (sent {sent} of {total} bytes)")
@@ -159,7 +163,8 @@ class PipeChannel(Channel):
                 array = out
             crc = self._read_exact(fd, byte_view(array), HEADER_SIZE,
                                    HEADER_SIZE + header.nbytes, deadline, timeout_s,
-                                   f"payload of {header.describe()}", chunk=READ_CHUNK)
+                                   lambda: f"payload of {header.describe()}",
+                                   chunk=READ_CHUNK)
         except ProtocolError as exc:  # header consumed, payload not (fully) consumed
             self._rx_broken = f"an earlier receive failed mid-frame ({exc})"
             raise
@@ -167,16 +172,20 @@ class PipeChannel(Channel):
         return Frame(header.kind, header.step, header.microbatch, array)
 
     def _read_exact(self, fd: int, buf: memoryview, offset: int, total: int,
-                    deadline: float | None, timeout_s: float | None, what: str, *,
-                    chunk: int | None = None) -> int:
+                    deadline: float | None, timeout_s: float | None,
+                    what: str | Callable[[], str], *, chunk: int | None = None) -> int:
         """Fill ``buf``, which holds frame bytes offset..total, from the pipe, reading at most
-        ``chunk`` bytes at a time; returns the CRC32C of ``buf``, folded in as bytes arrive."""
+        ``chunk`` bytes at a time; returns the CRC32C of ``buf``, folded in as bytes arrive.
+        ``what`` names the bytes in an error; a callable is only formatted then (every frame
+        of every step passes here)."""
         got, crc = 0, 0
         while got < buf.nbytes:
             end = buf.nbytes if chunk is None else min(buf.nbytes, got + chunk)
             try:
                 n = os.readv(fd, [buf[got:end]])
             except BlockingIOError:
+                if callable(what):
+                    what = what()
                 try:
                     self._wait(self._rx_poll, deadline, timeout_s,
                                f"receive {what} (got {offset + got} of {total} bytes)")
@@ -188,6 +197,8 @@ class PipeChannel(Channel):
             if n == 0:
                 if offset + got == 0:
                     raise ChannelClosed(f"{self.name}: peer closed the pipe")
+                if callable(what):
+                    what = what()
                 raise TruncatedFrame(f"{self.name}: truncated frame: got {offset + got} of "
                                      f"{total} bytes of {what} before end-of-file")
             if chunk is not None:

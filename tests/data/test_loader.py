@@ -196,6 +196,31 @@ def test_back_pressure_bounds_unconsumed_items() -> None:
         assert loader.stats()["max_queue_depth"] <= 3
 
 
+def test_held_slots_go_back_after_the_step_and_never_stall_the_consumer() -> None:
+    workload = make_workload()
+    with make_loader(workload, threads=2, prefetch=4) as loader:
+        loader.hold_slots()  # as a worker does: slots come back after its StepDone
+        loader.start(1, workload.total_steps)
+        wait_until(lambda: loader.stats()["items_produced"] == 4
+                   and loader.stats()["in_production"] == 0, "the 4 slots are full")
+        for mb in range(MICROBATCHES):
+            loader.get(1, mb, timeout_s=DEADLINE_S)
+        threading.Event().wait(0.05)  # asserting an absence: the taken slots stay held
+        assert loader.stats()["items_produced"] == 4
+        loader.release_taken()
+        wait_until(lambda: loader.stats()["items_produced"] == 8, "released slots refill")
+        # A consumer that never calls release_taken still gets every item: when the one it
+        # wants is not claimed, get gives the held slots back itself.
+        for k in range(MICROBATCHES, workload.total_steps * MICROBATCHES):
+            loader.get(1 + k // MICROBATCHES, k % MICROBATCHES, timeout_s=DEADLINE_S)
+        assert loader.stats()["max_queue_depth"] <= 4
+    with make_loader(workload, threads=1, prefetch=1) as loader:  # fewer slots than a step
+        loader.hold_slots()
+        loader.start(1, 2)
+        for k in range(2 * MICROBATCHES):
+            loader.get(1 + k // MICROBATCHES, k % MICROBATCHES, timeout_s=DEADLINE_S)
+
+
 def test_pause_stops_production_and_resume_continues() -> None:
     workload = make_workload()
     with make_loader(workload, threads=3, prefetch=40,

@@ -9,7 +9,13 @@ import pytest
 
 from pipetrain.nn import Dense, Segment
 from pipetrain.nn.digest import array_digest
-from pipetrain.runtime.background import DigestThread, JobFailed
+from pipetrain.runtime.background import (
+    INLINE_DIGEST_BYTES,
+    DigestThread,
+    InlineDigester,
+    JobFailed,
+    make_digester,
+)
 
 
 def test_digests_match_and_keep_order_and_shares():
@@ -96,3 +102,49 @@ def test_swapped_gradient_buffers_leave_the_previous_step_intact():
     assert np.array_equal(second_w, first_w)  # same inputs, same gradient
     third_w, _ = one_step()
     assert third_w is first_w  # two sets, alternating
+
+
+def test_the_inline_digester_reports_what_the_thread_does_after_flush_or_wait():
+    arrays = [np.arange(n, dtype=np.float32) for n in (3, 1000, 0, 70_000)]
+    by_thread: list[tuple[int, list]] = []
+    thread = DigestThread(lambda step, digests: by_thread.append((step, digests)))
+    try:
+        thread.submit(7, arrays)
+        thread.submit(8, [None, arrays[1], None, arrays[3]])
+        thread.wait()
+    finally:
+        thread.close()
+    inline_reports: list[tuple[int, list]] = []
+    inline = InlineDigester(lambda step, digests: inline_reports.append((step, digests)))
+    inline.submit(7, arrays)
+    assert inline_reports == []  # kept until the worker has sent its StepDone
+    inline.wait(at_most_pending=1)  # the start of the next step: one may stay pending
+    assert inline_reports == []
+    inline.flush()
+    assert inline_reports == by_thread[:1]
+    inline.submit(8, [None, arrays[1], None, arrays[3]])
+    inline.wait()  # a halt: every pending digest is sent
+    assert inline_reports == by_thread
+    inline.flush()  # nothing pending: nothing sent twice
+    assert inline_reports == by_thread
+
+
+def test_an_inline_report_that_fails_raises_a_job_failed_with_the_cause():
+    def report(step, digests):
+        raise BrokenPipeError("coordinator gone")
+
+    inline = InlineDigester(report)
+    inline.submit(1, [np.zeros(4)])
+    with pytest.raises(JobFailed, match="coordinator gone") as failed:
+        inline.flush()
+    assert isinstance(failed.value.__cause__, BrokenPipeError)
+
+
+def test_small_gradients_are_hashed_inline_and_large_ones_on_a_thread():
+    assert isinstance(make_digester(lambda step, digests: None, INLINE_DIGEST_BYTES),
+                      InlineDigester)
+    big = make_digester(lambda step, digests: None, INLINE_DIGEST_BYTES + 1)
+    try:
+        assert isinstance(big, DigestThread)
+    finally:
+        big.close()

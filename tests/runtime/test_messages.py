@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -60,6 +61,15 @@ def test_round_trip_through_a_control_frame(message):
     assert payload.dtype == np.uint8 and payload.ndim == 1
     frame = decode_frame(encode_frame(Kind.CONTROL, 0, 0, payload))
     assert messages.decode(frame.array) == message
+
+
+@pytest.mark.parametrize("message", EXAMPLES, ids=lambda m: m.TYPE)
+def test_the_payload_is_the_json_of_every_field(message):
+    """encode reads the fields itself (no ``dataclasses.asdict``): the bytes must be exactly
+    the JSON of the whole message, as before."""
+    body = {"type": message.TYPE, **dataclasses.asdict(message)}
+    expected = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    assert messages.encode(message).tobytes() == expected
 
 
 def test_messages_are_frozen():
