@@ -21,6 +21,7 @@ point                     process        when
 ========================  =============  ====================================================
 ``worker_command``        coordinator    before spawning a worker: its command line
 ``quiet_boundary``        coordinator    a step's results are in: may the next one start early?
+                          (and worker)   (a worker: finish the last step's snapshot copy first?)
 ``at_boundary``           coordinator    at a step boundary, before signals are acted on
 ``step_started``          coordinator    a step's command sent to every worker, results awaited
 ``checkpoint_phase``      both           after each phase of writing a checkpoint
@@ -81,7 +82,8 @@ class Hooks:
         the next step before this one's digests are in (nothing else to do at this boundary).
         True keeps the boundary quiet instead: the step's event is written and
         :meth:`at_boundary` runs with no step in flight, so a fault planned for the next step
-        finds the one before it complete in every process."""
+        finds the one before it complete in every process. Each worker asks it too, before
+        step ``step + 1``: True makes it finish its snapshot copy of ``step`` first."""
         return False
 
     def at_boundary(self, step: int) -> None:

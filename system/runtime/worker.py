@@ -125,6 +125,8 @@ class Worker:
         parts = self.parts
         stage, place, hooks_now = parts.stage, parts.place, hooks.current()
         trace = tracing.current()
+        if hooks_now.quiet_boundary(step - 1):  # a fault is planned in this step: the last
+            parts.wait_snapshot()  # step's copy completes first, so what recovery finds replays
         hooks_now.before_step(place, step)
         self._leave_if_terminated()
         started = time.perf_counter()
