@@ -57,6 +57,24 @@ def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen
     )
 
 
+def finish(proc: subprocess.Popen, timeout: float = 180) -> int:
+    """Wait for a process from :func:`start_cli` (killed if it outlives ``timeout``) and close
+    its pipes; its exit status."""
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def last_step(run_dir: Path) -> int:
+    """The highest step a (maybe still running) run has reported; 0 before its first."""
+    return max((e["step"] for e in read_events(run_dir) if e["event"] == "step"), default=0)
+
+
 def load_params(run_dir: Path, name: str = "final.npz") -> dict[str, np.ndarray]:
     with np.load(Path(run_dir) / name, allow_pickle=False) as archive:
         return {key: archive[key] for key in archive.files}

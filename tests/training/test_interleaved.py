@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,8 @@ from tests.helpers import (
     assert_same_steps,
     cli_env,
     events,
+    finish,
+    last_step,
     load_params,
     read_events,
     run_cli,
@@ -99,23 +100,10 @@ def test_impossible_combinations_are_refused_in_one_line(tmp_path, options, mess
     assert not (tmp_path / "run").exists()
 
 
-def last_step(run_dir: Path) -> int:
-    return max((e["step"] for e in read_events(run_dir) if e["event"] == "step"), default=0)
-
 
 def event_seen(run_dir: Path, name: str) -> bool:
     return any(e["event"] == name for e in read_events(run_dir))
 
-
-def finish(proc: subprocess.Popen, timeout: float = 180) -> int:
-    try:
-        return proc.wait(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
 
 
 MATH = ("--microbatches", "4", "--layers", LAYERS, "--epochs", "3", "--batch-size", "48",

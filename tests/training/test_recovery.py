@@ -19,8 +19,9 @@ from tests.helpers import (
     assert_no_survivors,
     cli_env,
     events,
+    finish,
+    last_step,
     load_params,
-    read_events,
     run_cli,
     run_state,
     start_cli,
@@ -30,19 +31,6 @@ from tests.helpers import (
 SLOW = cli_env(Plan(step_delay_s=0.005))
 
 
-def last_step(run_dir) -> int:
-    return max((e["step"] for e in read_events(run_dir) if e["event"] == "step"), default=0)
-
-
-def finish(proc, timeout: float = 180) -> int:
-    try:
-        return proc.wait(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ from tests.helpers import (
     assert_no_survivors,
     cli_env,
     events,
+    finish,
+    last_step,
     load_params,
     run_cli,
     run_state,
@@ -34,19 +36,6 @@ def reference(tmp_path_factory):
     return run_dir
 
 
-def last_step(run_dir) -> int:
-    return max((e["step"] for e in events(run_dir) if e["event"] == "step"), default=0)
-
-
-def finish(proc, timeout: float = 120) -> int:
-    try:
-        return proc.wait(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
 
 
 # Every role (first, middle, last stage), three ways to die, both schedules.
