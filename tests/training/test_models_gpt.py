@@ -10,8 +10,6 @@ import pytest
 from pipetrain_harness.plan import Plan
 from tests.helpers import (
     assert_bitwise_equal,
-    assert_no_survivors,
-    assert_same_steps,
     cli_env,
     events,
     load_params,
@@ -21,25 +19,14 @@ from tests.helpers import (
     step_events,
     wait_for,
 )
-from tests.training.model_runs import DTYPE, GRID
+from tests.training.model_runs import DTYPE, GRID, assert_matches_reference
 
 
 @pytest.mark.parametrize("stages,replicas,schedule", GRID)
 def test_gpt_is_bitwise_equal_to_reference(tmp_path, configs, references, stages, replicas,
                                            schedule):
-    model = "gpt"
-    run_dir = tmp_path / "train"
-    run_cli("train", str(configs[model]), "--run-dir", str(run_dir), "--stages", str(stages),
-            "--replicas", str(replicas), "--schedule", schedule, "--dtype", DTYPE[replicas],
-            "--quiet", check=True)
-    reference = references(model, replicas)
-    assert_same_steps(run_dir, reference)
-    assert_bitwise_equal(load_params(run_dir), load_params(reference))
-    assert run_state(run_dir)["state"] == "done"
-    assert len(run_state(run_dir)["segments"]) == stages
-    evaluated = [e for e in events(run_dir) if e["event"] == "evaluate"]
-    assert evaluated and {"loss", "accuracy"} <= set(evaluated[-1])
-    assert_no_survivors(run_dir)
+    assert_matches_reference("gpt", tmp_path / "train", configs, references, stages,
+                             replicas, schedule)
 
 
 def test_transformer_stopped_and_resumed_on_other_stages_is_bitwise(tmp_path, configs,
