@@ -136,5 +136,8 @@ class FaultyChannel(Channel):
     def fileno(self) -> int:
         return self.inner.fileno()
 
+    def read_capacity(self) -> int | None:
+        return self.inner.read_capacity()
+
     def close(self) -> None:
         self.inner.close()

@@ -104,7 +104,7 @@ RUN_OPTIONS: list[tuple[str, Any, str]] = [
     ("--holdout", float, "fraction held out for evaluation (0: train on all)"),
     ("--normalize", NORMALIZATIONS, "file datasets: statistics from the training split"),
     ("--transport", TRANSPORTS, "pipe, or mpi under mpirun"),
-    ("--loader-threads", int, "data-loading threads per stage"),
+    ("--loader-threads", int, "data-loading threads per stage (0: the main thread loads)"),
     ("--prefetch", int, "micro-batches loaded ahead"),
     ("--balance", BALANCES, "cut stages by parameter count or by measured time"),
     ("--blas-threads", int, "BLAS threads per process (1 keeps kernels reproducible)"),
@@ -119,6 +119,8 @@ def _add_run_options(parser: argparse.ArgumentParser, command: str) -> None:
         default = getattr(D, option[2:].replace("-", "_"))
         if option == "--virtual-stages":
             default = "2 with --schedule interleaved"
+        if option == "--loader-threads":
+            default = "0 for micro-batches of up to 64 KiB without --augment, else 2"
         if isinstance(default, tuple):
             default = ",".join(map(str, default))
         extra = {"choices": kind} if isinstance(kind, tuple) else {"type": kind}

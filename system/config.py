@@ -64,7 +64,7 @@ class TrainConfig:
     holdout: float = 0.2
     normalize: str = "none"
     transport: str = "pipe"
-    loader_threads: int = 2
+    loader_threads: int = -1  # per stage; 0: its main thread loads; -1: chosen (auto_threads)
     prefetch: int = 4
     augment: bool = False
     balance: str = "params"
@@ -301,7 +301,7 @@ def validate(config: TrainConfig, source: str = "config") -> None:
         fail("layers" if config.model is None else "model",
              "a layer wider than 1,000,000 units is refused")
     for key, low in (("stages", 1), ("replicas", 1), ("microbatches", 1), ("epochs", 1),
-                     ("batch_size", 1), ("keep_checkpoints", 1), ("loader_threads", 1),
+                     ("batch_size", 1), ("keep_checkpoints", 1), ("loader_threads", -1),
                      ("prefetch", 1), ("blas_threads", 1), ("checkpoint_every", 0),
                      ("max_restarts", 0), ("seed", 0)):
         if getattr(config, key) < low:

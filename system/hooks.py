@@ -32,9 +32,12 @@ point                     process        when
 ``before_action``         worker         before each schedule action of a step
 ``before_reduce``         worker         on the all-reduce thread, before a layer's reduction
 ``after_update``          worker         the step's optimizer update applied
-``snapshot_copy``         worker         on the snapshot thread, before a step's state is copied
+``snapshot_copy``         worker         before a step's state is copied: on the snapshot thread,
+                                         or (a state of up to 64 KiB) on the main thread
+                                         right after the step's reply
 ``wrap_channel``          worker         a link to a neighbour opened: may wrap the channel
-``loader_item``           worker         in a loader thread, before preparing a micro-batch
+``loader_item``           worker         before preparing a micro-batch: in a loader thread, or
+                                         (no loader threads) on the main thread
 ========================  =============  ====================================================
 """
 

@@ -76,6 +76,21 @@ def prepare_microbatch(
     return MicroBatch(step, microbatch, indices, x, y)
 
 
+# A micro-batch up to this size is loaded by the worker's main thread between steps: gathering
+# a few rows takes microseconds, while handing them over from a loader thread (a wake-up, then
+# the GIL going back and forth) cost the tiny model's step more than the loading (issue 19).
+INLINE_ITEM_BYTES = 64 * 1024
+THREADS = 2  # when a micro-batch is bigger: enough, the GIL-bound parts being serial anyway
+
+
+def auto_threads(workload: Workload, *, replicas: int, microbatches: int, augment: bool) -> int:
+    """The loader threads a stage gets unless the config says: 0 (the main thread) for small
+    micro-batches without augmentation, else :data:`THREADS`."""
+    rows = -(-workload.batches.batch_size // (replicas * microbatches))
+    item_bytes = rows * int(np.prod(workload.x.shape[1:])) * workload.x.itemsize
+    return 0 if item_bytes <= INLINE_ITEM_BYTES and not augment else THREADS
+
+
 class Loader:
     """Prefetches this stage's micro-batches with ``threads`` threads; single consumer."""
 
@@ -86,8 +101,9 @@ class Loader:
     ) -> None:
         for name, value in (("threads", threads), ("prefetch", prefetch),
                             ("replicas", replicas), ("microbatches", microbatches)):
-            if value < 1:
-                raise ValueError(f"loader: {name} must be >= 1, got {value}")
+            if value < (0 if name == "threads" else 1):
+                raise ValueError(f"loader: {name} must be >= {0 if name == 'threads' else 1}, "
+                                 f"got {value}")
         if not 0 <= replica < replicas:
             raise ValueError(f"loader: replica {replica} outside 0..{replicas - 1}")
         if augment is not None and augment not in AUGMENTATIONS:
@@ -100,6 +116,7 @@ class Loader:
                                 microbatches=microbatches, need_x=need_x, need_y=need_y,
                                 augment=augment, seed=seed, dtype=dtype)
         self._microbatches, self._num_threads = microbatches, threads
+        self._prefetch = prefetch
         self._place = place  # who this loader serves, for the loader_item hook
         # Semaphore: a counted bound is exactly "at most `prefetch` items in flight"; acquire
         # blocks a producer without CPU until the consumer frees a slot (back-pressure).
@@ -113,6 +130,7 @@ class Loader:
         self._may_produce = threading.Event()
         self._may_produce.set()
         self._threads: list[threading.Thread] = []
+        self._started = False
         self._first = self._count = self._next_claim = self._next_take = 0
         self._ready: dict[int, MicroBatch] = {}
         self._in_production = self._produced = self._max_depth = 0
@@ -128,12 +146,13 @@ class Loader:
 
     def start(self, first_step: int, last_step: int) -> None:
         """Produce every micro-batch of steps ``first_step..last_step`` (inclusive), in order."""
-        if self._threads or self._stopping.is_set():
+        if self._started or self._stopping.is_set():
             raise RuntimeError("loader: start() runs once; make a new Loader for other steps")
         total = self._workload.total_steps
         if not (1 <= first_step <= last_step + 1 and last_step <= total):
             raise ValueError(f"loader: steps {first_step}..{last_step} outside 1..{total}")
         self._first, self._count = first_step, (last_step - first_step + 1) * self._microbatches
+        self._started = True
         for t in range(self._num_threads):
             self._threads.append(start_helper(self._produce, name=f"loader-{t}"))
 
@@ -174,7 +193,7 @@ class Loader:
         """The micro-batch ``(step, microbatch)``, which must be the next one in sampler order."""
         with self._cond:
             k = self._next_take
-            if not self._threads:
+            if not self._started:
                 raise RuntimeError("loader: get() before start()")
             if k >= self._count:
                 last = self._first + self._count // self._microbatches - 1
@@ -185,6 +204,8 @@ class Loader:
                 raise OrderError(f"loader: get(step {step}, micro-batch {microbatch}) out of "
                                  f"order: the next item is step {want_step} micro-batch "
                                  f"{want_mb} (items come in sampler order, each once)")
+            if not self._num_threads:
+                return self._make_here(k, step, microbatch)
             if self._held and self._next_claim <= k:
                 # Item k is not even claimed: every slot may be held here, so give them back
                 # (holding may delay the producers, never stop them).
@@ -212,6 +233,54 @@ class Loader:
                 return item
         self._slots.release()
         return item
+
+    def _make_here(self, k: int, step: int, microbatch: int) -> MicroBatch:
+        """Without threads the consumer takes what :meth:`fill` made, or prepares the item
+        itself now."""
+        item = self._ready.pop(k, None)
+        if item is None and self._error is not None and self._error[0] == k:
+            exc = self._error[1]  # met by fill(): raised where a thread's failure would be
+            raise LoaderError(f"loader failed preparing step {step} micro-batch {microbatch}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        if item is None:
+            began = time.perf_counter()
+            try:
+                item = self._prepare_here(k)
+            finally:
+                self._wait_s += time.perf_counter() - began
+        self._next_take = k + 1
+        return item
+
+    def _prepare_here(self, k: int) -> MicroBatch:
+        step, microbatch = self._item(k)
+        if self._stopping.is_set():
+            raise LoaderError(f"loader stopped before step {step} micro-batch {microbatch} was "
+                              "prepared")
+        try:
+            hooks.current().loader_item(self._place, step, microbatch)
+            item = self._prepare(step, microbatch)
+        except Exception as exc:
+            self._error = (k, exc)
+            raise LoaderError(f"loader failed preparing step {step} micro-batch {microbatch}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        self._next_claim = max(self._next_claim, k + 1)
+        self._produced += 1
+        return item
+
+    def fill(self) -> None:
+        """Without threads: prepare items ahead, up to ``prefetch``, here and now (a worker
+        calls this after its reply, while the coordinator turns the step round)."""
+        if self._num_threads or not self._started:
+            return
+        with self._cond:
+            while (not self._paused and self._error is None and self._next_claim < self._count
+                   and self._next_claim - self._next_take < self._prefetch):
+                k = self._next_claim
+                try:
+                    self._ready[k] = self._prepare_here(k)
+                except LoaderError:
+                    return  # kept for get(k), which raises it in its step
+                self._max_depth = max(self._max_depth, len(self._ready))
 
     def hold_slots(self) -> None:
         """From now on ``get`` keeps the slots of the items it takes until
@@ -251,7 +320,8 @@ class Loader:
             self._stopping.set()
             self._cond.notify_all()  # the consumer and pause() re-check and see the stop
         self._may_produce.set()  # paused producers wake and see the stop
-        self._slots.release(self._num_threads)  # so do producers waiting for a slot
+        if self._num_threads:
+            self._slots.release(self._num_threads)  # so do producers waiting for a slot
 
     def stop(self) -> None:
         """End production and join every loader thread; safe to call more than once."""

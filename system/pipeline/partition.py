@@ -10,6 +10,7 @@ that a stage of one piece keeps its plain ``(first, stop)``.
 
 from __future__ import annotations
 
+import math
 import time
 from functools import cache
 
@@ -89,6 +90,25 @@ def stage_pieces(layers: tuple[int, ...] | list[int], stage: int,
         raise ValueError(f"stage {stage}: layers must be (first, stop) pairs, got {layers!r}")
     return {stage + position * stages: (layers[2 * position], layers[2 * position + 1])
             for position in range(len(layers) // 2)}
+
+
+def inbound_bytes_per_step(model: ModelSpec, pieces: dict[int, tuple[int, int]],
+                           header_bytes: int) -> int:
+    """The most a neighbour can send this stage on one link in one step: per piece, a frame per
+    micro-batch (activations in, or gradients of its output), each as large as the widest of
+    the piece's cuts, for this replica's rows of the batch. Steps run in lock-step, so this is
+    all that can be waiting in the link before the stage reads it."""
+    resolved = model.resolved
+    rows = -(-model.batch_size // model.replicas)
+    itemsize = np.dtype(model.dtype).itemsize
+    total = 0
+    for first, stop in pieces.values():
+        cuts = [math.prod(resolved[first].in_shape)] if first > 0 else []
+        if stop < len(resolved):
+            cuts.append(math.prod(resolved[stop - 1].out_shape))
+        if cuts:
+            total += rows * max(cuts) * itemsize + model.microbatches * header_bytes
+    return total
 
 
 def describe_layers(layers: tuple[int, ...] | list[int]) -> str:

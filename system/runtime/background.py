@@ -125,12 +125,19 @@ class DigestThread(JobThread):
     def flush(self) -> None:
         """Nothing to do: the thread hashes as soon as a step is submitted."""
 
+    def take(self, step: int) -> list[str | None] | None:
+        """Never: the thread reports the digests itself (``Digests``)."""
+        return None
+
 
 def _hash_and_report(job: tuple[int, list[np.ndarray | None]], report: DigestReport) -> None:
+    report(job[0], _hashed(job))
+
+
+def _hashed(job: tuple[int, list[np.ndarray | None]]) -> list[str | None]:
     step, arrays = job
     with tracing.current().span("digest", tracing.DIGEST, {"step": step}):
-        digests = [None if a is None else array_digest(a).hex() for a in arrays]
-    report(step, digests)
+        return [None if a is None else array_digest(a).hex() for a in arrays]
 
 
 # Gradients up to this size are hashed on the main thread: XXH3 takes about 1 us per 10 KiB
@@ -141,10 +148,11 @@ INLINE_DIGEST_BYTES = 256 * 1024
 
 class InlineDigester:
     """The :class:`DigestThread` interface without a thread, for a stage whose gradients are
-    small: ``submit`` keeps the step, and :meth:`flush` (the worker calls it right after its
-    ``StepDone``, so the hashing stays off the reply's path) or any ``wait`` hashes and reports
-    it. The arrays are the same ones a thread would hash: the stage leaves them alone until
-    the step after next (``Segment.swap_grad_buffers``)."""
+    small: ``submit`` keeps the step, and :meth:`take` hashes it for the worker to send in its
+    ``StepDone`` (one message, not two: the coordinator emits the step's event as soon as it
+    has both). :meth:`flush` or any ``wait`` hashes and reports a step not taken. The arrays are
+    the same ones a thread would hash: the stage leaves them alone until the step after next
+    (``Segment.swap_grad_buffers``)."""
 
     def __init__(self, report: DigestReport) -> None:
         self._report = report
@@ -160,6 +168,17 @@ class InlineDigester:
             return
         try:
             _hash_and_report(job, self._report)
+        except Exception as exc:  # the same as the thread's failure: a JobFailed with a cause
+            raise JobFailed(f"digester: {type(exc).__name__}: {exc}") from exc
+
+    def take(self, step: int) -> list[str | None] | None:
+        """The digests of ``step``, submitted last, hashed now (not reported)."""
+        job = self._job
+        if job is None or job[0] != step:
+            return None
+        self._job = None
+        try:
+            return _hashed(job)
         except Exception as exc:  # the same as the thread's failure: a JobFailed with a cause
             raise JobFailed(f"digester: {type(exc).__name__}: {exc}") from exc
 

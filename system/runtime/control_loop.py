@@ -24,6 +24,7 @@ from pipetrain.runtime import messages
 from pipetrain.runtime.diagnosis import WorkerFailed, failure, root_cause
 from pipetrain.runtime.launcher import Launcher, WorkerHandle
 from pipetrain.runtime.signals import SignalControl
+from pipetrain.runtime.spinning import COORDINATOR_SPIN_S, spin_budget, spin_poll
 from pipetrain.wire.channel import ChannelClosed, ChannelTimeout
 from pipetrain.wire.frames import Kind, ProtocolError
 
@@ -54,6 +55,8 @@ class ControlLoop:
         self._digests: dict[int, dict[int, list[str | None]]] = {}
         self._last_tick: float | None = None  # the loop last ran at this time
         self._poll_cache: tuple[tuple, select.poll] | None = None  # (fds, poll set): _poller
+        # Poll before sleeping only when every worker has a CPU and one is left over for us.
+        self.spin_s = spin_budget(COORDINATOR_SPIN_S, config.stages * config.replicas + 1)
 
     # -- messages ----------------------------------------------------------------------------
 
@@ -102,7 +105,7 @@ class ControlLoop:
         self._tick(0.0)
         while not done():
             timeout_ms = self._heartbeat_poll_ms(workers)
-            ready = poller.poll(timeout_ms)
+            ready = poller.poll(0) or spin_poll(poller, self.spin_s) or poller.poll(timeout_ms)
             self._tick(timeout_ms / 1000)
             for fd, _ in ready:
                 if fd not in by_fd:
@@ -114,6 +117,8 @@ class ControlLoop:
                         pass
                     case messages.StepDone(step=step) as message:
                         self._file(self._done, step, worker, message)
+                        if message.digests is not None:
+                            self._file(self._digests, step, worker, message.digests)
                     case messages.Digests(step=step, digests=digests):
                         self._file(self._digests, step, worker, digests)
                     case messages.Failed() as message:

@@ -168,7 +168,8 @@ METRIC_KEYS = ("compute_s", "wait_data_s", "wait_neighbours_s", "allreduce_s", "
 
 @dataclass(frozen=True)
 class StepDone(Message):
-    """A step's work is done on this worker; ``loss`` from the last stage only."""
+    """A step's work is done on this worker; ``loss`` from the last stage only. A stage that
+    hashes its gradients itself sends their digests here (as a :class:`Digests` would)."""
 
     TYPE: ClassVar[str] = "step_done"
     step: int
@@ -178,6 +179,7 @@ class StepDone(Message):
     allreduce_s: float
     wait_data_s: float | None = None  # stages with a loader
     loader_depth: int | None = None
+    digests: list[str | None] | None = None
 
     def metrics(self) -> dict[str, float]:
         return {key: getattr(self, key) for key in METRIC_KEYS

@@ -2,20 +2,23 @@
 
 ::
 
-    coordinator ──control──▶ [recv-control] ─┐
-        ▲                                     ▼
-        └──────── replies ─────────────── main thread ──activations──▶ next stage
-                                             ▲   │
-    previous stage ──activations──▶ [recv-upstream]  └──gradients───▶ previous stage
-    next stage ─────gradients────▶ [recv-downstream]
+    coordinator ──control──────────────────┐
+        ▲                                  ▼
+        └──────── replies ─────────── main thread ──activations──▶ next stage
+                                         ▲   ▲  │
+    previous stage ──activations─────────┘   │  └──gradients───▶ previous stage
+    next stage ─────gradients────────────────┘   (or through [recv-*] threads)
 
-Receiver threads (``pipetrain.runtime.inbox``) read every inbound channel ahead into the inbox;
-the main thread runs the schedule's actions for each ``Step`` and sends frames itself; helper
-threads hash the gradients (a small stage hashes them itself) and, in a replicated stage,
-all-reduce them (``pipetrain.runtime.background``); a heartbeat thread reports liveness. The
-first control message (:class:`~pipetrain.runtime.messages.Init`) says who the worker is;
-what it builds from it is in ``pipetrain.runtime.worker_setup``. How links are opened is the
-transport's (:class:`Transport`: pipe fds here, MPI ranks in ``pipetrain.runtime.mpi_launcher``).
+The main thread reads the control pipe and its neighbours' links itself, polling the one it
+waits for together with the control pipe (``pipetrain.runtime.inbox``); a link whose step of
+frames would not fit in its pipe gets a receiver thread that reads it ahead instead, as does
+every link of an MPI rank. The main thread runs the schedule's actions for each ``Step`` and
+sends frames itself; helper threads hash the gradients (a small stage hashes them itself) and,
+in a replicated stage, all-reduce them (``pipetrain.runtime.background``); a heartbeat thread
+reports liveness. The first control message (:class:`~pipetrain.runtime.messages.Init`) says
+who the worker is; what it builds from it is in ``pipetrain.runtime.worker_setup``. How links
+are opened is the transport's (:class:`Transport`: pipe fds here, MPI ranks in
+``pipetrain.runtime.mpi_launcher``).
 
 Started by the pipe launcher as ``python -P -m pipetrain.runtime.worker CONTROL_IN CONTROL_OUT
 COURIER``; links and snapshot regions come on the courier (``pipetrain.runtime.courier``).
@@ -49,6 +52,7 @@ from pipetrain.runtime.inbox import Inbox, InboxClosed, InboxFailure, PeerClosed
 from pipetrain.runtime.proctitle import set_title, stage_title
 from pipetrain.runtime.signals import ignore_job_control
 from pipetrain.runtime.snapshot import peek_steps
+from pipetrain.runtime.spinning import WORKER_SPIN_S, spin_budget
 from pipetrain.runtime.topology import Position
 from pipetrain.runtime.transport import PipeTransport, Transport, die_with_parent
 from pipetrain.runtime.worker_setup import Parts, build_parts, receive_frame
@@ -77,6 +81,7 @@ class Worker:
         self.stopped = False  # a Stop was received
         self.name = f"worker pid {os.getpid()}"
         self._data_wait_total = 0.0
+        self.main_thread = threading.get_ident()  # the one that reads the control pipe
 
     # -- control messages ------------------------------------------------------------------
 
@@ -93,15 +98,18 @@ class Worker:
         during a step but a ``Stop`` after a failure elsewhere (a pipe worker is killed then,
         an MPI rank must leave its wait to find the ``Stop``)."""
         self.last_alive = time.monotonic()
+        if threading.get_ident() == self.main_thread:
+            self.inbox.pump()  # a command that came while this thread waits on a helper
         return self.terminate or bool(self.inbox.depth(CONTROL))
 
     def _heartbeat(self, interval_s: float, timeout_s: float) -> None:
         while not self.stopping.wait(interval_s):
             stuck = time.monotonic() - self.last_alive > timeout_s
-            if stuck and not self.sending:
+            if stuck and not (self.sending or self.inbox.reading):
                 # The main thread is stuck in its own work: let the coordinator notice the
-                # silence. Blocked sending to a neighbour is waiting, not hanging: the
-                # neighbour that does not read is the one whose heartbeat stops.
+                # silence. Blocked sending to a neighbour (or reading a frame it is sending) is
+                # waiting, not hanging: the neighbour that does not go on is the one whose
+                # heartbeat stops.
                 continue
             try:
                 self.reply(messages.Heartbeat())
@@ -185,10 +193,9 @@ class Worker:
             step=step, loss=stage.step_loss if stage.is_last else None,
             compute_s=elapsed - waited - reduce_s - (data_wait or 0.0),
             wait_neighbours_s=waited, allreduce_s=reduce_s, wait_data_s=data_wait,
-            loader_depth=depth))
-        parts.release_loader_slots()  # the loaders make the next step's items meanwhile
-        parts.digester.flush()  # a small stage's digest, hashed here: after the reply too
+            loader_depth=depth, digests=parts.digester.take(step)))
         parts.snapshot(step)  # after the reply: the copy must not delay the next step's start
+        parts.release_loader_slots()  # the loaders make the next step's items meanwhile
 
     def _leave_if_terminated(self) -> None:
         """A SIGTERM before a step or an action ends the worker there, before that work
@@ -255,8 +262,12 @@ class Worker:
     # -- the loop ----------------------------------------------------------------------------
 
     def serve(self) -> int:
-        self.control_receivers = Receivers(self.inbox, op_timeout_s=None)
-        self.control_receivers.start(CONTROL, self.control, fatal=True)
+        self.main_thread = threading.get_ident()
+        if self.control.read_capacity() is not None:  # a pipe: this thread reads it
+            self.inbox.read_directly(CONTROL, self.control, op_timeout_s=None, fatal=True)
+        else:
+            self.control_receivers = Receivers(self.inbox, op_timeout_s=None)
+            self.control_receivers.start(CONTROL, self.control, fatal=True)
         try:
             init = self.next_command()
             if isinstance(init, messages.Stop):  # released before it started (MPI: rank 0
@@ -265,6 +276,8 @@ class Worker:
             if not isinstance(init, messages.Init):
                 raise ProtocolError(f"the first control message must be init, got {init}")
             self.transport.prepare(init)
+            config_replicas = int(init.config.get("replicas", 1))
+            self.inbox.spin_s = spin_budget(WORKER_SPIN_S, init.num_stages * config_replicas)
             self.parts = build_parts(init, self.transport, self.inbox, self._report_digests,
                                      self.alive)
             self.name = str(self.parts.place)

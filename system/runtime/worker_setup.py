@@ -24,10 +24,10 @@ import numpy as np
 
 from pipetrain import hooks, tracing
 from pipetrain.config import TrainConfig, build_config
-from pipetrain.data.loader import Loader, MicroBatch
+from pipetrain.data.loader import Loader, MicroBatch, auto_threads
 from pipetrain.data.workload import Workload, prepare
 from pipetrain.nn.digest import array_digest, combine
-from pipetrain.pipeline.partition import stage_pieces
+from pipetrain.pipeline.partition import inbound_bytes_per_step, stage_pieces
 from pipetrain.pipeline.schedule import Action
 from pipetrain.pipeline.stage import Stage
 from pipetrain.run import checkpoint
@@ -41,12 +41,19 @@ from pipetrain.runtime.background import (
     make_digester,
 )
 from pipetrain.runtime.courier import close_all
-from pipetrain.runtime.inbox import Inbox, InboxClosed, Receivers
-from pipetrain.runtime.snapshot import Region, SnapshotError, SnapshotThread, region_name
+from pipetrain.runtime.inbox import Inbox, InboxClosed, Receivers, reads_directly
+from pipetrain.runtime.snapshot import (
+    InlineSnapshots,
+    Region,
+    SnapshotError,
+    SnapshotThread,
+    make_snapshots,
+    region_name,
+)
 from pipetrain.runtime.topology import NEXT_REPLICA, PREV_REPLICA, Grid, Position
 from pipetrain.wire import allreduce
 from pipetrain.wire.channel import Channel
-from pipetrain.wire.frames import Kind, ProtocolError
+from pipetrain.wire.frames import HEADER_SIZE, Kind, ProtocolError
 
 
 def receive_frame(inbox: Inbox, source: str, kind: Kind, step: int, index: int, *,
@@ -90,7 +97,7 @@ class Parts:
     channels: dict[str, Channel] = field(default_factory=dict)
     receivers: Receivers | None = None
     region: Region | None = None
-    snapshots: SnapshotThread | None = None
+    snapshots: SnapshotThread | InlineSnapshots | None = None
     held: dict[str, int] = field(default_factory=dict)  # "S.R" -> fd of a region we hold
     applied_step: int = 0  # the last step whose update the stage holds
     _chain: Any = None
@@ -133,18 +140,26 @@ class Parts:
         if self.workload is None:
             return
         config, stage = self.config, self.stage
+        threads = config.loader_threads
+        if threads < 0:
+            threads = auto_threads(self.workload, replicas=config.replicas,
+                                   microbatches=config.microbatches, augment=config.augment)
         self.loader = Loader(self.workload, replica=self.place.replica, replicas=config.replicas,
                              microbatches=config.microbatches, need_x=stage.is_first,
-                             need_y=stage.is_last, threads=config.loader_threads,
+                             need_y=stage.is_last, threads=threads,
                              prefetch=config.prefetch, augment=config.augmentation,
                              seed=config.seed, dtype=np.dtype(config.dtype), place=self.place)
         self.loader.hold_slots()  # given back after each StepDone (release_loader_slots)
         self.loader.start(first_step, self.workload.total_steps)
 
     def open_links(self, links: dict[str, dict[str, Any]], grid: Grid) -> None:
-        """Open the links of ``links`` (the transport's endpoints) and start their receivers."""
+        """Open the links of ``links`` (the transport's endpoints): the main thread reads a
+        neighbour's link itself when the pipe holds a whole step of its frames, else a
+        receiver thread reads it ahead; the replicas' links always have receivers."""
         peers = grid.links(Position(self.place.stage, self.place.replica))
         self.receivers = Receivers(self.inbox, op_timeout_s=self.op_timeout_s)
+        in_flight = inbound_bytes_per_step(self.config.model_spec(), self.stage.pieces,
+                                           HEADER_SIZE)
         for name, endpoint in links.items():
             if name not in peers:
                 raise ProtocolError(f"{self.place}: told of a link {name!r} it has no peer for")
@@ -153,7 +168,11 @@ class Parts:
             self.channels[name] = hooks.current().wrap_channel(
                 self.place, hooks.Place(hooks.STAGE, peer.stage, peer.replica,
                                         self.place.generation), channel)
-            self.receivers.start(name, self.channels[name])
+            channel = self.channels[name]
+            if peer.replica == self.place.replica and reads_directly(channel, in_flight):
+                self.inbox.read_directly(name, channel, op_timeout_s=self.op_timeout_s)
+            else:
+                self.receivers.start(name, channel)
         if self.config.replicas > 1:
             place, chain = self.place, self._chain
             self.reducer = ReduceThread(
@@ -178,8 +197,10 @@ class Parts:
         self.channels.clear()
 
     def release_loader_slots(self) -> None:
+        """After the step's reply: the loader threads go on, or the main thread loads ahead."""
         if self.loader is not None:
             self.loader.release_taken()
+            self.loader.fill()
 
     def stop_loader(self) -> None:
         if self.loader is not None:
@@ -338,9 +359,10 @@ def build_parts(init: messages.Init, transport: Any, inbox: Inbox, report_digest
                 parts.region = _new_region(place, arrays)
             if parts.region is not None:
                 undo.callback(parts.region.close)
-                parts.snapshots = SnapshotThread(
+                parts.snapshots = make_snapshots(
                     parts.region, lambda: state_arrays(stage),
-                    before_copy=lambda step: hooks.current().snapshot_copy(parts.place, step))
+                    lambda step: hooks.current().snapshot_copy(parts.place, step),
+                    sum(array.nbytes for array in arrays.values()))
                 undo.callback(parts.snapshots.close)
         parts.open_links(init.links, grid)
         if init.state_source in ("peer", "snapshot"):  # a replacement, in place

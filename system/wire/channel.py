@@ -49,6 +49,11 @@ class Channel(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None: ...
 
+    def read_capacity(self) -> int | None:
+        """How many bytes the peer can send before this side reads (its sends then never
+        block), or None when unknown."""
+        return None
+
     def __enter__(self) -> Self:
         return self
 

@@ -247,6 +247,15 @@ class PipeChannel(Channel):
             raise ValueError(f"{self.name}: no readable fd (write-only or closed)")
         return self._read_fd
 
+    def read_capacity(self) -> int | None:
+        """The inbound pipe's buffer size (F_GETPIPE_SZ)."""
+        if self._read_fd is None:
+            return None
+        try:
+            return fcntl.fcntl(self._read_fd, fcntl.F_GETPIPE_SZ)
+        except (OSError, AttributeError):  # not Linux
+            return None
+
     def close_write(self) -> None:
         """Close only the sending side (the peer reads end-of-file)."""
         if self._write_fd is not None:

@@ -100,7 +100,7 @@ def random_delays(seed: int):
 
 # -- delivery order and bits -------------------------------------------------------------------
 
-@pytest.mark.parametrize("threads", [1, 2, 8])
+@pytest.mark.parametrize("threads", [0, 1, 2, 8])
 @pytest.mark.parametrize("augment", [None, "digits", "noise"])
 @pytest.mark.parametrize("delays", [False, True])
 def test_delivery_equals_sequential_computation(threads: int, augment, delays: bool) -> None:
@@ -167,6 +167,8 @@ def test_bad_arguments_are_refused() -> None:
         make_loader(workload, augment="rotate")
     with pytest.raises(ValueError, match="prefetch"):
         make_loader(workload, prefetch=0)
+    with pytest.raises(ValueError, match="threads must be >= 0"):
+        make_loader(workload, threads=-1)
     with pytest.raises(ValueError, match="replica 2"):
         make_loader(workload, replica=2, replicas=2)
     with make_loader(workload) as loader:
@@ -174,6 +176,62 @@ def test_bad_arguments_are_refused() -> None:
             loader.start(1, 11)
         with pytest.raises(RuntimeError, match="before start"):
             loader.get(1, 0)
+
+
+# -- no threads: the consumer loads, between steps with fill() ----------------------------------
+
+def test_without_threads_fill_prepares_up_to_prefetch_and_get_takes_them() -> None:
+    workload = make_workload()
+    expected = list(sequential(workload, replica=0, replicas=1, augment=None,
+                               dtype=np.float64))
+    with make_loader(workload, threads=0, prefetch=3) as loader:
+        loader.hold_slots()
+        loader.start(1, workload.total_steps)
+        assert loader_threads() == []
+        loader.fill()
+        assert loader.stats()["items_produced"] == 3 and loader.stats()["queue_depth"] == 3
+        loader.fill()  # nothing was taken: still 3
+        assert loader.stats()["items_produced"] == 3
+        for k, (step, mb, _indices, x, y) in enumerate(expected):
+            item = loader.get(step, mb)
+            assert (item.step, item.microbatch) == (step, mb)
+            assert np.array_equal(item.x, x) and np.array_equal(item.y, y)
+            if mb == MICROBATCHES - 1:  # after a step, as the worker does
+                loader.release_taken()
+                loader.fill()
+                left = len(expected) - (k + 1)
+                assert loader.stats()["queue_depth"] == min(3, left)
+        assert loader.stats()["items_produced"] == len(expected)
+
+
+def test_without_threads_a_failure_met_by_fill_is_raised_by_get_of_that_item() -> None:
+    workload = make_workload()
+
+    def delay(step: int, mb: int) -> float:
+        if (step, mb) == (2, 1):
+            raise KeyError("corrupt sample 42")
+        return 0.0
+
+    with make_loader(workload, threads=0, prefetch=4, test_delay_s=delay) as loader:
+        loader.start(1, workload.total_steps)
+        for mb in range(MICROBATCHES):
+            loader.get(1, mb)
+        loader.fill()  # meets the failure at (2, 1): kept for its get
+        loader.get(2, 0)
+        with pytest.raises(LoaderError, match="step 2 micro-batch 1") as info:
+            loader.get(2, 1)
+        assert isinstance(info.value.__cause__, KeyError)
+
+
+def test_auto_threads_load_small_micro_batches_on_the_main_thread() -> None:
+    from pipetrain.data.loader import INLINE_ITEM_BYTES, THREADS, auto_threads
+
+    workload = make_workload()  # a few rows of 64 float64s
+    assert auto_threads(workload, replicas=1, microbatches=MICROBATCHES, augment=False) == 0
+    assert auto_threads(workload, replicas=1, microbatches=MICROBATCHES,
+                        augment=True) == THREADS
+    rows = -(-workload.batches.batch_size // MICROBATCHES)
+    assert rows * workload.x[0].nbytes <= INLINE_ITEM_BYTES
 
 
 # -- threads: back-pressure, pause, shutdown, failure --------------------------------------------

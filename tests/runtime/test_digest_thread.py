@@ -127,6 +127,14 @@ def test_the_inline_digester_reports_what_the_thread_does_after_flush_or_wait():
     assert inline_reports == by_thread
     inline.flush()  # nothing pending: nothing sent twice
     assert inline_reports == by_thread
+    # The worker's way: take a step's digests for its StepDone; nothing is reported then.
+    inline.submit(9, arrays)
+    assert inline.take(8) is None  # not the step submitted: left pending
+    assert inline.take(9) == by_thread[0][1]
+    assert inline.take(9) is None
+    inline.wait()
+    assert inline_reports == by_thread
+    assert thread.take(9) is None  # a thread always reports itself
 
 
 def test_an_inline_report_that_fails_raises_a_job_failed_with_the_cause():

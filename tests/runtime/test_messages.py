@@ -41,6 +41,8 @@ EXAMPLES = [
                       allreduce_s=0.0, wait_data_s=0.001, loader_depth=3),
     messages.StepDone(step=7, loss=None, compute_s=0.1, wait_neighbours_s=0.0,
                       allreduce_s=0.0),
+    messages.StepDone(step=7, loss=None, compute_s=0.1, wait_neighbours_s=0.0,
+                      allreduce_s=0.0, digests=["ab" * 16, None]),
     messages.Digests(step=7, digests=["ab" * 32, None]),
     messages.ParamsFollow(names=["layers.0.weight", "layers.0.bias"]),
     messages.Checkpointed(params_digest="cd" * 32, file="segment-0.npz", sha256="ef" * 32),

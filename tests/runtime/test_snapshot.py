@@ -127,3 +127,29 @@ def test_holders_go_round_the_grid():
     assert holders == positions[1:] + positions[:1]
     assert all(h != at for h, at in zip(holders, positions, strict=True))
     assert holder_of(Grid(1, 1), Position(0, 0)) is None  # the coordinator holds it
+
+
+def test_a_small_state_is_copied_at_submit_and_a_big_one_on_the_thread():
+    state = arrays(3)
+    region = Region.create("test", state)
+    calls: list[int] = []
+    try:
+        small = snapshot.make_snapshots(region, lambda: state, calls.append,
+                                        snapshot.INLINE_SNAPSHOT_BYTES)
+        assert isinstance(small, snapshot.InlineSnapshots)
+        small.submit(5)  # copied here and now, the hook first
+        assert calls == [5] and region.valid_steps() == [5]
+        assert all(np.array_equal(region.read(5)[name], state[name]) for name in state)
+        small.wait()
+        small.close()
+        big = snapshot.make_snapshots(region, lambda: state, calls.append,
+                                      snapshot.INLINE_SNAPSHOT_BYTES + 1)
+        try:
+            assert isinstance(big, snapshot.SnapshotThread)
+            big.submit(6)
+            big.wait()
+            assert calls == [5, 6] and region.valid_steps() == [5, 6]
+        finally:
+            big.close()
+    finally:
+        region.close()

@@ -191,7 +191,9 @@ def test_a_snapshot_one_step_behind_costs_one_step_and_survivors_roll_back_two(t
 
     from tests.helpers import REPO
 
-    options = ("--epochs", "2")
+    # Stage 1 holds a 256 x 256 layer: a state too big to be copied inline, so its copy runs
+    # on the snapshot thread beside the next step (pipetrain.runtime.snapshot.make_snapshots).
+    options = ("--epochs", "2", "--layers", "64,256,256,10")
     driver = tmp_path / "driver.py"
     driver.write_text(LAGGING_SNAPSHOT)
     run_dir = tmp_path / "train"

@@ -42,11 +42,11 @@ def test_the_trace_holds_every_process_thread_and_action(traced):
     for e in events:
         if e["ph"] == "M" and e["name"] == "thread_name":
             threads[processes[e["pid"]]].add(e["args"]["name"])
-    # This model's gradients are small: each stage hashes them on its main thread
-    # (background.INLINE_DIGEST_BYTES), so there is no digester thread.
-    assert {"main", "recv-control", "recv-upstream", "recv-downstream",
-            "snapshot"} <= threads["stage 1 replica 0"]
-    assert "digester" not in threads["stage 1 replica 0"]
+    # This model is small: each stage reads its links and the control pipe, hashes its
+    # gradients, copies its snapshot and loads its data on its main thread (a step of frames
+    # fits in the pipe; INLINE_DIGEST_BYTES, INLINE_SNAPSHOT_BYTES, INLINE_ITEM_BYTES).
+    for s in range(STAGES):
+        assert threads[f"stage {s} replica 0"] == {"main"}
     spans = [e for e in events if e["ph"] == "X"]
     assert all(e["dur"] >= 0 and e["tid"] in {t["tid"] for t in events
                                               if t["ph"] == "M" and t["pid"] == e["pid"]}
@@ -72,7 +72,8 @@ def test_the_trace_holds_every_process_thread_and_action(traced):
         assert Counter(e["cat"] for e in mine)["digest"] == total
         main_tid = next(e["tid"] for e in events if e["ph"] == "M" and e["pid"] == pid_of[s]
                         and e["name"] == "thread_name" and e["args"]["name"] == "main")
-        assert {e["tid"] for e in mine if e["cat"] == "digest"} == {main_tid}
+        for category in ("digest", "recv", "snapshot"):
+            assert {e["tid"] for e in mine if e["cat"] == category} == {main_tid}, category
     # Spans of one thread nest or follow each other (never overlap part-way), as the
     # trace-event viewers need.
     for pid in processes:
@@ -85,6 +86,29 @@ def test_the_trace_holds_every_process_thread_and_action(traced):
                     open_ends.pop()
                 assert not open_ends or e["ts"] + e["dur"] <= open_ends[-1] + 1e-3, e
                 open_ends.append(e["ts"] + e["dur"])
+
+
+def test_big_frames_and_states_have_their_threads(tmp_path):
+    """A step of 256 rows of 1024 float64s is 2 MiB a link, more than a pipe holds: a receiver
+    thread reads each link ahead; the state is big enough for the digest and snapshot threads."""
+    run_dir = tmp_path / "big"
+    run_cli("train", "--run-dir", str(run_dir), "--stages", "2", "--trace", "--layers",
+            "64,1024,1024,10", "--epochs", "1", "--batch-size", "256", "--quiet", check=True)
+    events = json.loads((run_dir / "trace.json").read_text())["traceEvents"]
+    processes = {e["pid"]: e["args"]["name"] for e in events
+                 if e["ph"] == "M" and e["name"] == "process_name"}
+    names = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+             if e["ph"] == "M" and e["name"] == "thread_name"}
+    where = defaultdict(set)  # (process, category of span) -> threads
+    for e in events:
+        if e["ph"] == "X":
+            where[processes[e["pid"]], e["cat"]].add(names[e["pid"], e["tid"]])
+    assert where["stage 0 replica 0", "recv"] >= {"recv-downstream"}
+    assert where["stage 1 replica 0", "recv"] >= {"recv-upstream"}
+    for stage in ("stage 0 replica 0", "stage 1 replica 0"):
+        assert "main" in where[stage, "recv"]  # the control pipe is still read on main
+        assert where[stage, "digest"] == {"digester"}
+        assert where[stage, "snapshot"] == {"snapshot"}
 
 
 def test_a_traced_run_is_bitwise_the_reference(tmp_path, traced):
