@@ -98,9 +98,15 @@ class Worker:
         during a step but a ``Stop`` after a failure elsewhere (a pipe worker is killed then,
         an MPI rank must leave its wait to find the ``Stop``)."""
         self.last_alive = time.monotonic()
-        if threading.get_ident() == self.main_thread:
-            self.inbox.pump()  # a command that came while this thread waits on a helper
         return self.terminate or bool(self.inbox.depth(CONTROL))
+
+    def waiting(self) -> bool:
+        """:meth:`alive` for a wait on anything but a link the main thread reads itself (a
+        helper thread, a receiver thread's inbox): the main thread reads a command that came
+        meanwhile, so that it interrupts the wait."""
+        if threading.get_ident() == self.main_thread:
+            self.inbox.pump()
+        return self.alive()
 
     def _heartbeat(self, interval_s: float, timeout_s: float) -> None:
         while not self.stopping.wait(interval_s):
@@ -156,7 +162,7 @@ class Worker:
                 span_ns = trace.start()
                 expected = Kind.ACTIVATION if source == UPSTREAM else Kind.GRADIENT
                 received = receive_frame(self.inbox, source, expected, step, action.microbatch,
-                                         what=action, interrupted=self.alive, name=self.name)
+                                         what=action, interrupted=self.waiting, name=self.name)
                 waited += time.perf_counter() - wait_start
                 trace.waited(source, action, span_ns)
             self.alive()
@@ -170,7 +176,7 @@ class Worker:
         if parts.reducer is not None:  # most of the all-reduce ran during backward already
             wait_start = time.perf_counter()
             span_ns = trace.start()
-            parts.reducer.wait(interrupted=self.alive)
+            parts.reducer.wait(interrupted=self.waiting)
             reduce_s = time.perf_counter() - wait_start
             trace.end("wait all-reduce", tracing.WAIT, span_ns)
         parts.digester.submit(step, parts.digest_share())
@@ -279,7 +285,7 @@ class Worker:
             config_replicas = int(init.config.get("replicas", 1))
             self.inbox.spin_s = spin_budget(WORKER_SPIN_S, init.num_stages * config_replicas)
             self.parts = build_parts(init, self.transport, self.inbox, self._report_digests,
-                                     self.alive)
+                                     self.waiting)
             self.name = str(self.parts.place)
             set_title(stage_title(Position(init.stage, init.replica), init.num_stages))
             self.heartbeat_thread = start_helper(

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pipetrain.config import build_config
+from pipetrain.nn.digest import DIGEST
 from pipetrain.run.rundir import save_params
 from pipetrain_harness.checks import (
     CheckResult,
@@ -281,9 +282,19 @@ def test_reference_config_keeps_only_the_math():
 def test_ensure_reference_reuses_the_cache(tmp_path):
     train = {"layers": [64, 10], "epochs": 1, "stages": 1}
     digest_ = build_config({**reference_config(train), "stages": 1}).math_digest()
-    cached = make_run(tmp_path / "cache" / f"ref-{digest_}", STEPS, params())
+    cached = make_run(tmp_path / "cache" / f"ref-{DIGEST}-{digest_}", STEPS, params())
     # A different stage count or schedule is the same reference.
     assert ensure_reference({**train, "schedule": "gpipe"}, tmp_path / "cache") == cached
+
+
+def test_a_reference_hashed_by_another_digest_is_not_reused(tmp_path):
+    """A cache filled by a pipetrain whose gradient digests used another hash (sha256 before
+    XXH3) would make every scenario invalid: it is not that reference."""
+    train = {"layers": [64, 10], "epochs": 1, "batch_size": 256, "holdout": 0.5}
+    digest_ = build_config({**reference_config(train), "stages": 1}).math_digest()
+    stale = make_run(tmp_path / "cache" / f"ref-{digest_}", STEPS, params())
+    fresh = ensure_reference(train, tmp_path / "cache")
+    assert fresh != stale and fresh.name == f"ref-{DIGEST}-{digest_}"
 
 
 def test_ensure_reference_builds_once(tmp_path):
