@@ -113,7 +113,6 @@ class Parts:
                 for position, name in enumerate(self.stage.names)]
 
     def next_microbatch(self, step: int, microbatch: int) -> MicroBatch:
-        self.alive()
         return self.loader.get(step, microbatch)
 
     def write_checkpoint(self, command: messages.WriteCheckpoint) -> messages.Checkpointed:
