@@ -91,6 +91,8 @@ class Coordinator(ControlLoop):
                 worker, start_step=start_step,
                 state_source="checkpoint" if resume_from else "init",
                 resume_from=str(resume_from) if resume_from else None))
+        # The spare's Python start-up overlaps the workers' set-up, not the first steps.
+        self.launcher.keep_spare(self.run.path / "logs", self.generation + 1)
         self.await_ready(self.workers)
         self.generation += 1
 
