@@ -15,8 +15,9 @@ import os
 import select
 import time
 
-# How long a waiting worker polls: what the coordinator needs to turn a step round.
-WORKER_SPIN_S = 200e-6
+# How long a waiting worker polls: what the coordinator needs to turn a step round, or a
+# neighbour to send the next frame of a small model.
+WORKER_SPIN_S = 500e-6
 # How long the coordinator polls: a small model's whole step.
 COORDINATOR_SPIN_S = 2e-3
 
