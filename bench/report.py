@@ -173,7 +173,7 @@ def markdown(results: dict) -> str:
             split = c.get("stage_split")
             if not split or "median" not in c:
                 continue
-            step_ms = w["batch"] / c["median"] * 1000 if name[0] in "sr" else None
+            step_ms = (c["config"].get("batch") or w["batch"]) / c["median"] * 1000
             parts = []
             for i, s in enumerate(split):
                 parts.append(f"{i}: {s.get('compute_s', 0) * 1e3:.1f} / "
