@@ -305,7 +305,9 @@ def validate(config: TrainConfig, source: str = "config") -> None:
                      ("prefetch", 1), ("blas_threads", 1), ("checkpoint_every", 0),
                      ("max_restarts", 0), ("seed", 0)):
         if getattr(config, key) < low:
-            fail(key, f"must be >= {low}, got {getattr(config, key)}")
+            fail(key, "must be >= 0, or -1 to let each stage choose, got "
+                 f"{config.loader_threads}" if key == "loader_threads"
+                 else f"must be >= {low}, got {getattr(config, key)}")
     if config.seed >= 2**63:
         fail("seed", "must be below 2**63")
     if config.stages > config.num_layers:

@@ -82,6 +82,7 @@ def test_wrong_types_refused(key, value, words):
     ({"seed": -1}, "seed"),
     ({"seed": 2**63}, "seed"),
     ({"checkpoint_every": -1}, "checkpoint_every"),
+    ({"loader_threads": -2}, "loader_threads"),
     ({"schedule": "pipedream"}, "schedule"),
     ({"optimizer": "rmsprop"}, "optimizer"),
     ({"dtype": "float16"}, "dtype"),
@@ -94,6 +95,12 @@ def test_wrong_types_refused(key, value, words):
 ])
 def test_out_of_range_values_refused(values, key):
     refused(values, f"{key}:")
+
+
+def test_loader_threads_are_a_count_or_chosen_per_stage():
+    assert build_config({}).loader_threads == -1  # each stage chooses (data.loader.auto_threads)
+    assert build_config({"loader_threads": 0}).loader_threads == 0
+    refused({"loader_threads": -2}, "or -1 to let each stage choose")
 
 
 def test_boundary_values_accepted():
