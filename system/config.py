@@ -301,13 +301,14 @@ def validate(config: TrainConfig, source: str = "config") -> None:
         fail("layers" if config.model is None else "model",
              "a layer wider than 1,000,000 units is refused")
     for key, low in (("stages", 1), ("replicas", 1), ("microbatches", 1), ("epochs", 1),
-                     ("batch_size", 1), ("keep_checkpoints", 1), ("loader_threads", -1),
-                     ("prefetch", 1), ("blas_threads", 1), ("checkpoint_every", 0),
-                     ("max_restarts", 0), ("seed", 0)):
+                     ("batch_size", 1), ("keep_checkpoints", 1), ("prefetch", 1),
+                     ("blas_threads", 1), ("checkpoint_every", 0), ("max_restarts", 0),
+                     ("seed", 0)):
         if getattr(config, key) < low:
-            fail(key, "must be >= 0, or -1 to let each stage choose, got "
-                 f"{config.loader_threads}" if key == "loader_threads"
-                 else f"must be >= {low}, got {getattr(config, key)}")
+            fail(key, f"must be >= {low}, got {getattr(config, key)}")
+    if config.loader_threads < -1:
+        fail("loader_threads", "must be >= 0, or -1 to let each stage choose, got "
+             f"{config.loader_threads}")
     if config.seed >= 2**63:
         fail("seed", "must be below 2**63")
     if config.stages > config.num_layers:

@@ -99,11 +99,10 @@ class Loader:
         need_x: bool, need_y: bool, threads: int = 2, prefetch: int = 4,
         augment: str | None = None, seed: int, dtype, place: hooks.Place | None = None,
     ) -> None:
-        for name, value in (("threads", threads), ("prefetch", prefetch),
-                            ("replicas", replicas), ("microbatches", microbatches)):
-            if value < (0 if name == "threads" else 1):
-                raise ValueError(f"loader: {name} must be >= {0 if name == 'threads' else 1}, "
-                                 f"got {value}")
+        for name, value, low in (("threads", threads, 0), ("prefetch", prefetch, 1),
+                                 ("replicas", replicas, 1), ("microbatches", microbatches, 1)):
+            if value < low:
+                raise ValueError(f"loader: {name} must be >= {low}, got {value}")
         if not 0 <= replica < replicas:
             raise ValueError(f"loader: replica {replica} outside 0..{replicas - 1}")
         if augment is not None and augment not in AUGMENTATIONS:
@@ -216,10 +215,7 @@ class Loader:
                                         or self._stopping.is_set(), timeout_s)
             self._wait_s += time.perf_counter() - began
             if self._error is not None:
-                bad_step, bad_mb = self._item(self._error[0])
-                exc = self._error[1]
-                raise LoaderError(f"loader thread failed preparing step {bad_step} micro-batch "
-                                  f"{bad_mb}: {type(exc).__name__}: {exc}") from exc
+                raise self._failed("loader thread")
             if k not in self._ready:
                 if not ready:
                     raise TimeoutError(f"loader: step {step} micro-batch {microbatch} not "
@@ -239,9 +235,7 @@ class Loader:
         itself now."""
         item = self._ready.pop(k, None)
         if item is None and self._error is not None and self._error[0] == k:
-            exc = self._error[1]  # met by fill(): raised where a thread's failure would be
-            raise LoaderError(f"loader failed preparing step {step} micro-batch {microbatch}: "
-                              f"{type(exc).__name__}: {exc}") from exc
+            raise self._failed("loader")  # met by fill(): raised where a thread's would be
         if item is None:
             began = time.perf_counter()
             try:
@@ -261,11 +255,19 @@ class Loader:
             item = self._prepare(step, microbatch)
         except Exception as exc:
             self._error = (k, exc)
-            raise LoaderError(f"loader failed preparing step {step} micro-batch {microbatch}: "
-                              f"{type(exc).__name__}: {exc}") from exc
+            raise self._failed("loader") from exc
         self._next_claim = max(self._next_claim, k + 1)
         self._produced += 1
         return item
+
+    def _failed(self, who: str) -> LoaderError:
+        """The recorded failure, for whoever asks for its item (``__cause__``: the original)."""
+        k, exc = self._error
+        step, microbatch = self._item(k)
+        error = LoaderError(f"{who} failed preparing step {step} micro-batch {microbatch}: "
+                            f"{type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        return error
 
     def fill(self) -> None:
         """Without threads: prepare items ahead, up to ``prefetch``, here and now (a worker

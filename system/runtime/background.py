@@ -163,11 +163,12 @@ class InlineDigester:
         self._job = (step, arrays)
 
     def flush(self) -> None:
-        job, self._job = self._job, None
-        if job is None:
+        if self._job is None:
             return
+        step = self._job[0]
+        digests = self.take(step)
         try:
-            _hash_and_report(job, self._report)
+            self._report(step, digests)
         except Exception as exc:  # the same as the thread's failure: a JobFailed with a cause
             raise JobFailed(f"digester: {type(exc).__name__}: {exc}") from exc
 

@@ -24,7 +24,7 @@ from pipetrain.runtime import messages
 from pipetrain.runtime.diagnosis import WorkerFailed, failure, root_cause
 from pipetrain.runtime.launcher import Launcher, WorkerHandle
 from pipetrain.runtime.signals import SignalControl
-from pipetrain.runtime.spinning import COORDINATOR_SPIN_S, spin_budget, spin_poll
+from pipetrain.runtime.spinning import COORDINATOR_SPIN_S, poll_spinning, spin_budget
 from pipetrain.wire.channel import ChannelClosed, ChannelTimeout
 from pipetrain.wire.frames import Kind, ProtocolError
 
@@ -105,7 +105,7 @@ class ControlLoop:
         self._tick(0.0)
         while not done():
             timeout_ms = self._heartbeat_poll_ms(workers)
-            ready = poller.poll(0) or spin_poll(poller, self.spin_s) or poller.poll(timeout_ms)
+            ready = poll_spinning(poller, self.spin_s, timeout_ms)
             self._tick(timeout_ms / 1000)
             for fd, _ in ready:
                 if fd not in by_fd:

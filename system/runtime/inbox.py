@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipetrain import tracing
-from pipetrain.runtime.spinning import spin_poll
+from pipetrain.runtime.spinning import poll_spinning
 from pipetrain.threads import start_helper
 from pipetrain.wire.channel import Channel, ChannelClosed
 
@@ -136,10 +136,8 @@ class Inbox:
             poller = self._polls[fds] = select.poll()
             for fd in fds:
                 poller.register(fd, select.POLLIN)
-        ready = poller.poll(0)
-        if not ready and timeout_ms:
-            ready = spin_poll(poller, self.spin_s) or poller.poll(timeout_ms)
-        ready = {fd for fd, _ in ready}
+        spin_s = self.spin_s if timeout_ms else 0.0
+        ready = {fd for fd, _ in poll_spinning(poller, spin_s, timeout_ms)}
         for name, entry in watched:
             if entry.fd in ready:
                 self._read_one(name, entry)

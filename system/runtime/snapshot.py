@@ -231,9 +231,15 @@ class SnapshotThread(JobThread):
         self.enqueue(step)
 
     def run_job(self, step: int) -> None:
-        self._before_copy(step)
-        with tracing.current().span("snapshot", tracing.SNAPSHOT, {"step": step}):
-            self.region.write(step, self._state())
+        copy_state(self.region, self._state, self._before_copy, step)
+
+
+def copy_state(region: Region, state: StateArrays, before_copy: Callable[[int], None],
+               step: int) -> None:
+    """The state of ``step`` into ``region`` (the ``snapshot_copy`` hook first), traced."""
+    before_copy(step)
+    with tracing.current().span("snapshot", tracing.SNAPSHOT, {"step": step}):
+        region.write(step, state())
 
 
 # A state up to this size is copied by the main thread right after the step's reply: the copy
@@ -253,9 +259,7 @@ class InlineSnapshots:
         self._before_copy = before_copy
 
     def submit(self, step: int) -> None:
-        self._before_copy(step)
-        with tracing.current().span("snapshot", tracing.SNAPSHOT, {"step": step}):
-            self.region.write(step, self._state())
+        copy_state(self.region, self._state, self._before_copy, step)
 
     def wait(self, at_most_pending: int = 0, *,
              interrupted: Callable[[], bool] = lambda: False) -> None:

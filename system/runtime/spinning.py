@@ -36,13 +36,17 @@ def spin_budget(budget_s: float, busy_processes: int) -> float:
     return budget_s if busy_processes <= cpus() else 0.0
 
 
-def spin_poll(poller: select.poll, spin_s: float) -> list[tuple[int, int]]:
-    """Poll without sleeping for up to ``spin_s``, yielding the CPU between polls to whatever
-    else wants it; what ``poll`` returned, or [] when nothing came in time."""
-    deadline = time.perf_counter() + spin_s
-    while time.perf_counter() < deadline:
-        os.sched_yield()
-        ready = poller.poll(0)
+def poll_spinning(poller: select.poll, spin_s: float,
+                  timeout_ms: int | None) -> list[tuple[int, int]]:
+    """``poller.poll(timeout_ms)``, but polling without sleeping for the first ``spin_s``,
+    yielding the CPU between polls to whatever else wants it."""
+    if spin_s > 0:
+        deadline = time.perf_counter() + spin_s
+        while True:
+            ready = poller.poll(0)
+            if ready or time.perf_counter() >= deadline:
+                break
+            os.sched_yield()
         if ready:
             return ready
-    return []
+    return poller.poll(timeout_ms)

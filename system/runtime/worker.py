@@ -81,7 +81,7 @@ class Worker:
         self.stopped = False  # a Stop was received
         self.name = f"worker pid {os.getpid()}"
         self._data_wait_total = 0.0
-        self.main_thread = threading.get_ident()  # the one that reads the control pipe
+        self.main_thread: int | None = None  # the one that reads the control pipe (serve)
 
     # -- control messages ------------------------------------------------------------------
 
@@ -282,10 +282,10 @@ class Worker:
             if not isinstance(init, messages.Init):
                 raise ProtocolError(f"the first control message must be init, got {init}")
             self.transport.prepare(init)
-            config_replicas = int(init.config.get("replicas", 1))
-            self.inbox.spin_s = spin_budget(WORKER_SPIN_S, init.num_stages * config_replicas)
             self.parts = build_parts(init, self.transport, self.inbox, self._report_digests,
                                      self.waiting)
+            self.inbox.spin_s = spin_budget(WORKER_SPIN_S,
+                                            init.num_stages * self.parts.config.replicas)
             self.name = str(self.parts.place)
             set_title(stage_title(Position(init.stage, init.replica), init.num_stages))
             self.heartbeat_thread = start_helper(

@@ -145,8 +145,6 @@ class TrainingRun:
                                       total_steps=self.workload.total_steps, from_step=step,
                                       config=self.config.to_json(),
                                       segments=[list(b) for b in self.coordinator.bounds])
-                    self.launcher.keep_spare(self.run.path / "logs",
-                                             self.coordinator.generation)
                 return self.train(step)
             except StartupFailed:
                 raise

@@ -13,7 +13,7 @@ import pytest
 
 from pipetrain.pipeline.partition import inbound_bytes_per_step
 from pipetrain.runtime.inbox import Inbox, InboxFailure, PeerClosed, reads_directly
-from pipetrain.runtime.spinning import spin_budget, spin_poll
+from pipetrain.runtime.spinning import poll_spinning, spin_budget
 from pipetrain.wire.frames import Kind
 from pipetrain.wire.pipe import PipeChannel, open_pipe
 
@@ -143,15 +143,18 @@ def test_inbound_bytes_count_every_piece_cut_for_the_replica_rows():
         32 * 32 * 4 + 4 * header) + (32 * 16 * 4 + 4 * header)
 
 
-def test_spin_poll_returns_what_is_ready_and_gives_up_after_its_budget(link):
+def test_poll_spinning_polls_for_its_budget_then_sleeps_for_the_timeout(link):
     reader, sender = link
     poller = select.poll()
     poller.register(reader.fileno(), select.POLLIN)
     started = time.perf_counter()
-    assert spin_poll(poller, 0.002) == []
+    assert poll_spinning(poller, 0.002, 0) == []  # nothing came: the budget, then no sleep
     assert time.perf_counter() - started >= 0.002
+    started = time.perf_counter()
+    assert poll_spinning(poller, 0.0, 30) == []  # no budget: straight to a 30 ms poll
+    assert time.perf_counter() - started >= 0.025
     frame(sender, 1, 0)
-    assert [fd for fd, _ in spin_poll(poller, 1.0)] == [reader.fileno()]
+    assert [fd for fd, _ in poll_spinning(poller, 1.0, None)] == [reader.fileno()]
 
 
 def test_a_process_spins_only_with_a_cpu_of_its_own():
